@@ -1,0 +1,42 @@
+/* A VM's vsock side as the filesystem sees it: declared ports (which survive
+ * restarts), the vsock/ctl and vsock/ports files, stream nodes, and the
+ * device and exported sockets while the VM runs. */
+#ifndef CAPSAFS_VMVSOCK_H
+#define CAPSAFS_VMVSOCK_H
+
+#include <fuse_lowlevel.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct vm;
+
+int vmvsock_init(struct vm *vm);
+void vmvsock_fini(struct vm *vm);
+/* rmdir: remove the VM's socket directory. */
+void vmvsock_remove(struct vm *vm);
+
+/* Before QEMU starts: create the device socket and the exported sockets. */
+int vmvsock_prepare(struct vm *vm);
+/* vhost-user socket for QEMU's -chardev, or NULL for no vsock device. */
+const char *vmvsock_device_socket(struct vm *vm);
+/* QEMU is gone: reset every connection, remove the sockets. */
+void vmvsock_stopped(struct vm *vm);
+
+bool vmvsock_port_name(const char *name, uint32_t *port);
+/* Declared ports in ascending order; returns how many (at most max). */
+size_t vmvsock_port_list(struct vm *vm, uint32_t *ports, size_t max);
+size_t vmvsock_ports_show(struct vm *vm, char *buf, size_t len);
+void vmvsock_ctl_write(struct vm *vm, fuse_req_t req, const char *buf, size_t size);
+
+/* Stream nodes: each call answers req (now or later).  fi->fh is owned by
+ * vmvsock for NODE_VSOCK_PORT files. */
+void vmvsock_open(struct vm *vm, uint32_t port, fuse_req_t req, struct fuse_file_info *fi);
+void vmvsock_read(struct vm *vm, fuse_req_t req, size_t size, struct fuse_file_info *fi);
+void vmvsock_write(struct vm *vm, fuse_req_t req, const char *buf, size_t size,
+		   struct fuse_file_info *fi);
+void vmvsock_poll(struct vm *vm, fuse_req_t req, struct fuse_file_info *fi,
+		  struct fuse_pollhandle *ph);
+void vmvsock_release(struct vm *vm, struct fuse_file_info *fi);
+
+#endif

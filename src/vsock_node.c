@@ -1,0 +1,410 @@
+/* vsock/<port> files: each open is one connection to the guest (dialled for
+ * an ordinary port, accepted for a listen port), read/write/poll move its
+ * bytes, and blocked calls are answered from the device's callbacks. */
+#include "config.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include "log.h"
+#include "util.h"
+#include "vm.h"
+#include "vmvsock.h"
+#include "vsock/vsock.h"
+#include "vsock_host.h"
+
+struct vstream {
+	struct vm *vm; /* holds a reference */
+	uint32_t port;
+	bool counted; /* in its declared port's CONNECTIONS */
+	struct fuse_file_info fi; /* for the deferred open reply */
+	struct vsock_conn *conn;
+	int err; /* once the connection is gone: what calls get */
+	struct pending *opening;
+	struct plist connecting; /* holds opening while a dial is answered */
+	struct plist readers, writers;
+	struct fuse_pollhandle *ph;
+};
+
+/* A parked write keeps its bytes until the connection takes them all. */
+struct vwrite {
+	struct vstream *s;
+	char *data;
+	size_t len, off;
+};
+
+enum { PEND_OPEN = 1, PEND_READ, PEND_WRITE };
+
+static void vstream_count(struct vstream *s, int delta)
+{
+	struct vport *p = vport_find(s->vm->vsock, s->port);
+
+	if (delta > 0 && p && !s->counted) {
+		p->conns++;
+		s->counted = true;
+	} else if (delta < 0 && s->counted) {
+		if (p && p->conns > 0)
+			p->conns--;
+		s->counted = false;
+	}
+}
+
+static void vstream_free(struct vstream *s)
+{
+	vstream_count(s, -1);
+	if (s->conn)
+		vsock_conn_close(s->conn);
+	if (s->ph)
+		fuse_pollhandle_destroy(s->ph);
+	vm_put(s->vm);
+	free(s);
+}
+
+static void vstream_notify(struct vstream *s)
+{
+	if (s->ph) {
+		fuse_lowlevel_notify_poll(s->ph);
+		fuse_pollhandle_destroy(s->ph);
+		s->ph = NULL;
+	}
+}
+
+static void vstream_reply_open(struct vstream *s, fuse_req_t req)
+{
+	s->fi.fh = (uint64_t)(uintptr_t)s;
+	s->fi.direct_io = 1;
+	s->fi.nonseekable = 1;
+	vstream_count(s, +1);
+	fuse_reply_open(req, &s->fi);
+}
+
+/* Serve parked reads from the connection's buffer. */
+static void vstream_serve_readers(struct vstream *s)
+{
+	while (!plist_empty(&s->readers)) {
+		struct pending *p = s->readers.head;
+		char *buf;
+		ssize_t n;
+
+		if (!s->conn) {
+			fuse_reply_err(pending_take(p), s->err);
+			continue;
+		}
+		buf = malloc(p->size ? p->size : 1);
+		if (!buf) {
+			fuse_reply_err(pending_take(p), ENOMEM);
+			continue;
+		}
+		n = vsock_conn_read(s->conn, buf, p->size);
+		if (n == -EAGAIN) {
+			free(buf);
+			break;
+		}
+		if (n < 0)
+			fuse_reply_err(pending_take(p), (int)-n);
+		else
+			fuse_reply_buf(pending_take(p), buf, (size_t)n);
+		free(buf);
+	}
+}
+
+static void vstream_serve_writers(struct vstream *s)
+{
+	while (!plist_empty(&s->writers)) {
+		struct pending *p = s->writers.head;
+		struct vwrite *w = p->handle;
+		ssize_t n;
+
+		if (!s->conn) {
+			fuse_reply_err(pending_take(p), s->err == ECONNRESET ? ECONNRESET : EPIPE);
+		} else {
+			n = vsock_conn_write(s->conn, w->data + w->off, w->len - w->off);
+			if (n == -EAGAIN)
+				break;
+			if (n < 0) {
+				fuse_reply_err(pending_take(p), (int)-n);
+			} else {
+				w->off += (size_t)n;
+				if (w->off < w->len)
+					break;
+				fuse_reply_write(pending_take(p), w->len);
+			}
+		}
+		free(w->data);
+		free(w);
+	}
+}
+
+static void vstream_established(struct vsock_conn *c, void *arg)
+{
+	struct vstream *s = arg;
+
+	if (s->opening) {
+		fuse_req_t req = pending_take(s->opening);
+		s->opening = NULL;
+		vstream_reply_open(s, req);
+	}
+}
+
+static void vstream_readable(struct vsock_conn *c, void *arg)
+{
+	struct vstream *s = arg;
+
+	vstream_serve_readers(s);
+	vstream_notify(s);
+}
+
+static void vstream_writable(struct vsock_conn *c, void *arg)
+{
+	struct vstream *s = arg;
+
+	vstream_serve_writers(s);
+	vstream_notify(s);
+}
+
+static void vstream_closed(struct vsock_conn *c, void *arg, int err)
+{
+	struct vstream *s = arg;
+
+	vsock_conn_close(c);
+	s->conn = NULL;
+	s->err = err ? err : ECONNRESET;
+	if (s->opening) { /* the open never completed: nobody will release s */
+		fuse_req_t req = pending_take(s->opening);
+		s->opening = NULL;
+		fuse_reply_err(req, s->err);
+		vstream_free(s);
+		return;
+	}
+	vstream_serve_readers(s);
+	vstream_serve_writers(s);
+	vstream_notify(s);
+}
+
+static const struct vsock_conn_ops vstream_ops = {
+	.established = vstream_established,
+	.readable = vstream_readable,
+	.writable = vstream_writable,
+	.closed = vstream_closed,
+};
+
+static void vstream_open_cancel(struct pending *p)
+{
+	struct vstream *s = p->handle;
+
+	s->opening = NULL;
+	vstream_free(s);
+}
+
+static void vstream_attach(struct vstream *s, struct vsock_conn *c)
+{
+	s->conn = c;
+	vsock_conn_set_ops(c, &vstream_ops, s);
+}
+
+bool vnode_take_guest_conn(struct vport *p, struct vsock_conn *c)
+{
+	struct vstream *s;
+	fuse_req_t req;
+
+	if (plist_empty(&p->openers))
+		return false;
+	s = p->openers.head->handle;
+	req = pending_take(p->openers.head);
+	s->opening = NULL;
+	vstream_attach(s, c);
+	vstream_reply_open(s, req);
+	/* data may already be buffered */
+	return true;
+}
+
+void vnode_fail_openers(struct vport *p, int err)
+{
+	while (!plist_empty(&p->openers)) {
+		struct vstream *s = p->openers.head->handle;
+		fuse_reply_err(pending_take(p->openers.head), err);
+		s->opening = NULL;
+		vstream_free(s);
+	}
+}
+
+void vmvsock_open(struct vm *vm, uint32_t port, fuse_req_t req, struct fuse_file_info *fi)
+{
+	struct vsock_dev *dev = vmvsock_dev(vm);
+	struct vport *p = vport_find(vm->vsock, port);
+	struct vstream *s;
+	struct vsock_conn *c;
+
+	if (!dev || !vm->proc) {
+		vm_fail(vm, ENOTCONN, "vsock: %s is not running", vm->name);
+		fuse_reply_err(req, ENOTCONN);
+		return;
+	}
+	s = calloc(1, sizeof(*s));
+	if (!s) {
+		fuse_reply_err(req, ENOMEM);
+		return;
+	}
+	vm_get(vm);
+	s->vm = vm;
+	s->port = port;
+	s->fi = *fi;
+	if (p && p->mode == VPORT_LISTEN) {
+		/* accept: the next guest connection to this host port */
+		c = vport_backlog_pop(p);
+		if (c) {
+			vstream_attach(s, c);
+			vstream_reply_open(s, req);
+			return;
+		}
+		if (fi->flags & O_NONBLOCK) {
+			vstream_free(s);
+			fuse_reply_err(req, EAGAIN);
+			return;
+		}
+		s->opening = pending_park_cancel(req, &p->openers, PEND_OPEN, 0, s,
+						 vstream_open_cancel);
+		if (!s->opening) {
+			vstream_free(s);
+			fuse_reply_err(req, ENOMEM);
+		}
+		return;
+	}
+	/* connect: dial the guest's port; the open returns once it accepted */
+	c = vsock_connect(dev, port, &vstream_ops, s);
+	if (!c) {
+		int err = errno ? errno : ENOTCONN;
+		vm_fail(vm, err, "vsock: cannot connect to guest port %u: %s", port, strerror(err));
+		vstream_free(s);
+		fuse_reply_err(req, err);
+		return;
+	}
+	s->conn = c;
+	s->opening = pending_park_cancel(req, &s->connecting, PEND_OPEN, 0, s, vstream_open_cancel);
+	if (!s->opening) {
+		vstream_free(s);
+		fuse_reply_err(req, ENOMEM);
+	}
+}
+
+void vmvsock_read(struct vm *vm, fuse_req_t req, size_t size, struct fuse_file_info *fi)
+{
+	struct vstream *s = (struct vstream *)(uintptr_t)fi->fh;
+	char *buf;
+	ssize_t n;
+
+	if (!s->conn) {
+		fuse_reply_err(req, s->err);
+		return;
+	}
+	if (!plist_empty(&s->readers) && !(fi->flags & O_NONBLOCK)) {
+		/* keep the order of readers */
+		if (!pending_park(req, &s->readers, PEND_READ, size, s))
+			fuse_reply_err(req, ENOMEM);
+		return;
+	}
+	buf = malloc(size ? size : 1);
+	if (!buf) {
+		fuse_reply_err(req, ENOMEM);
+		return;
+	}
+	n = vsock_conn_read(s->conn, buf, size);
+	if (n >= 0) {
+		fuse_reply_buf(req, buf, (size_t)n);
+	} else if (n == -EAGAIN && !(fi->flags & O_NONBLOCK)) {
+		if (!pending_park(req, &s->readers, PEND_READ, size, s))
+			fuse_reply_err(req, ENOMEM);
+	} else {
+		fuse_reply_err(req, (int)-n);
+	}
+	free(buf);
+}
+
+void vmvsock_write(struct vm *vm, fuse_req_t req, const char *buf, size_t size,
+		   struct fuse_file_info *fi)
+{
+	struct vstream *s = (struct vstream *)(uintptr_t)fi->fh;
+	struct vwrite *w;
+	ssize_t n = 0;
+
+	if (!s->conn) {
+		fuse_reply_err(req, s->err == ECONNRESET ? ECONNRESET : EPIPE);
+		return;
+	}
+	if (plist_empty(&s->writers)) {
+		n = vsock_conn_write(s->conn, buf, size);
+		if (n < 0 && n != -EAGAIN) {
+			fuse_reply_err(req, (int)-n);
+			return;
+		}
+		if (n < 0)
+			n = 0;
+		if ((size_t)n == size || (fi->flags & O_NONBLOCK)) {
+			if (n == 0 && size > 0)
+				fuse_reply_err(req, EAGAIN);
+			else
+				fuse_reply_write(req, (size_t)n);
+			return;
+		}
+	} else if (fi->flags & O_NONBLOCK) {
+		fuse_reply_err(req, EAGAIN);
+		return;
+	}
+	/* blocking: the rest waits for credit, and the write returns when all
+	 * of it is queued, so nothing a writer was told is sent gets lost */
+	w = calloc(1, sizeof(*w));
+	if (w)
+		w->data = malloc(size - (size_t)n);
+	if (!w || !w->data) {
+		free(w);
+		if (n > 0)
+			fuse_reply_write(req, (size_t)n);
+		else
+			fuse_reply_err(req, ENOMEM);
+		return;
+	}
+	memcpy(w->data, buf + n, size - (size_t)n);
+	w->s = s;
+	w->len = size - (size_t)n;
+	/* the reply counts the whole write */
+	w->off = 0;
+	if (!pending_park(req, &s->writers, PEND_WRITE, size, w)) {
+		free(w->data);
+		free(w);
+		fuse_reply_err(req, ENOMEM);
+	}
+}
+
+void vmvsock_poll(struct vm *vm, fuse_req_t req, struct fuse_file_info *fi,
+		  struct fuse_pollhandle *ph)
+{
+	struct vstream *s = (struct vstream *)(uintptr_t)fi->fh;
+	unsigned revents = 0;
+
+	if (!s->conn) {
+		revents = POLLIN | POLLRDNORM | POLLERR | POLLHUP;
+	} else {
+		ssize_t r = vsock_conn_readable(s->conn) > 0 ? 1 : 0;
+		char probe;
+		if (r || vsock_conn_read(s->conn, &probe, 0) == 0)
+			revents |= POLLIN | POLLRDNORM;
+		if (vsock_conn_writable(s->conn) > 0)
+			revents |= POLLOUT | POLLWRNORM;
+	}
+	if (ph) {
+		if (s->ph)
+			fuse_pollhandle_destroy(s->ph);
+		s->ph = ph;
+	}
+	fuse_reply_poll(req, revents);
+}
+
+void vmvsock_release(struct vm *vm, struct fuse_file_info *fi)
+{
+	struct vstream *s = (struct vstream *)(uintptr_t)fi->fh;
+
+	/* close(): queued data still goes out, then a clean shutdown */
+	vstream_free(s);
+}
