@@ -7,6 +7,7 @@
 #include <poll.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 
 #include "attr.h"
 #include "capsafs.h"
@@ -47,6 +48,29 @@ struct dir_handle {
 
 static const double entry_timeout = 0.0; /* the tree changes under mkdir/rmdir/ctl */
 
+/* The kernel's open reply (struct fuse_open_out) and flags from linux/fuse.h. */
+struct open_reply {
+	uint64_t fh;
+	uint32_t open_flags;
+	int32_t unused;
+};
+#define OPEN_DIRECT_IO (1u << 0)
+#define OPEN_NONSEEKABLE (1u << 2)
+#define OPEN_STREAM (1u << 4)
+#define OPEN_PARALLEL_DIRECT_WRITES (1u << 6)
+
+int fs_reply_open_stream(fuse_req_t req, const struct fuse_file_info *fi)
+{
+	struct open_reply out = {
+		.fh = fi->fh,
+		.open_flags = OPEN_DIRECT_IO | OPEN_NONSEEKABLE | OPEN_STREAM |
+			      OPEN_PARALLEL_DIRECT_WRITES,
+	};
+	struct iovec iov = { .iov_base = &out, .iov_len = sizeof(out) };
+
+	return fuse_reply_iov(req, &iov, 1);
+}
+
 /* ---- attributes of nodes ---- */
 
 static void node_stat(const struct node *n, struct stat *st)
@@ -80,8 +104,12 @@ static void node_stat(const struct node *n, struct stat *st)
 		break;
 	case NODE_ATTR:
 		st->st_mode = S_IFREG | attr_table[n->attr].mode;
-		/* sysfs style: a page, so tools that trust st_size still read */
-		st->st_size = attr_table[n->attr].kind == ATTR_CONSOLE ? 0 : 4096;
+		/* sysfs style: a page, so tools that trust st_size still read; the
+		 * console and its log are 0 like /proc files (tail must not seek) */
+		st->st_size = attr_table[n->attr].kind == ATTR_CONSOLE ||
+					      attr_table[n->attr].kind == ATTR_LOG
+				      ? 0
+				      : 4096;
 		break;
 	case NODE_VSOCK_CTL:
 		st->st_mode = S_IFREG | 0200;
@@ -361,11 +389,14 @@ static void fs_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
 		saverr = ENOENT;
 		goto out;
 	}
-	/* sticky root (1777): only the VM's owner, the root's owner or root */
-	if (!may_access(req, p, W_OK | X_OK) ||
-	    ((cfs.root_mode & S_ISVTX) && ctx->uid != 0 && ctx->uid != vm->uid &&
-	     ctx->uid != cfs.uid)) {
+	if (!may_access(req, p, W_OK | X_OK)) {
 		saverr = EACCES;
+		goto out;
+	}
+	/* sticky root (1777): only the VM's owner, the root's owner or root */
+	if ((cfs.root_mode & S_ISVTX) && ctx->uid != 0 && ctx->uid != vm->uid &&
+	    ctx->uid != cfs.uid) {
+		saverr = EPERM;
 		goto out;
 	}
 	saverr = -vm_remove(vm);
@@ -389,6 +420,16 @@ static void fs_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
 }
 
 static void fs_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+	fuse_reply_err(req, EPERM);
+}
+
+static void fs_symlink(fuse_req_t req, const char *link, fuse_ino_t parent, const char *name)
+{
+	fuse_reply_err(req, EPERM);
+}
+
+static void fs_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char *newname)
 {
 	fuse_reply_err(req, EPERM);
 }
@@ -419,6 +460,12 @@ static int snap_add(struct dir_handle *d, size_t *cap, const char *name, fuse_in
 	return 0;
 }
 
+static int snap_node(struct dir_handle *d, size_t *cap, const char *name, struct node *n,
+		     mode_t mode)
+{
+	return n ? snap_add(d, cap, name, n->ino, mode) : -ENOMEM;
+}
+
 static int dir_snapshot(struct node *n, struct dir_handle *d)
 {
 	size_t cap = 0, i;
@@ -426,27 +473,33 @@ static int dir_snapshot(struct node *n, struct dir_handle *d)
 	int r = 0;
 
 	r |= snap_add(d, &cap, ".", n->ino, S_IFDIR);
-	r |= snap_add(d, &cap, "..", FUSE_ROOT_ID, S_IFDIR);
 	switch (n->kind) {
 	case NODE_ROOT: {
 		struct vm *vm;
+		r |= snap_add(d, &cap, "..", n->ino, S_IFDIR);
 		for (vm = cfs.vms; vm; vm = vm->next)
-			r |= snap_add(d, &cap, vm->name, 0, S_IFDIR);
+			r |= snap_node(d, &cap, vm->name, node_vm_child(vm, NODE_VM, 0, 0), S_IFDIR);
 		break;
 	}
 	case NODE_VM:
+		r |= snap_add(d, &cap, "..", FUSE_ROOT_ID, S_IFDIR);
 		for (i = 0; i < attr_count; i++)
-			r |= snap_add(d, &cap, attr_table[i].name, 0, S_IFREG);
-		r |= snap_add(d, &cap, "vsock", 0, S_IFDIR);
+			r |= snap_node(d, &cap, attr_table[i].name,
+				       node_vm_child(n->vm, NODE_ATTR, (int)i, 0), S_IFREG);
+		r |= snap_node(d, &cap, "vsock", node_vm_child(n->vm, NODE_VSOCK_DIR, 0, 0), S_IFDIR);
 		break;
 	case NODE_VSOCK_DIR: {
 		uint32_t ports[1024];
 		size_t np = vmvsock_port_list(n->vm, ports, ARRAY_SIZE(ports));
-		r |= snap_add(d, &cap, "ctl", 0, S_IFREG);
-		r |= snap_add(d, &cap, "ports", 0, S_IFREG);
+		struct node *up = node_vm_child(n->vm, NODE_VM, 0, 0);
+		r |= up ? snap_add(d, &cap, "..", up->ino, S_IFDIR) : -ENOMEM;
+		r |= snap_node(d, &cap, "ctl", node_vm_child(n->vm, NODE_VSOCK_CTL, 0, 0), S_IFREG);
+		r |= snap_node(d, &cap, "ports", node_vm_child(n->vm, NODE_VSOCK_PORTS, 0, 0),
+			       S_IFREG);
 		for (i = 0; i < np; i++) {
 			snprintf(name, sizeof(name), "%u", ports[i]);
-			r |= snap_add(d, &cap, name, 0, S_IFREG);
+			r |= snap_node(d, &cap, name,
+				       node_vm_child(n->vm, NODE_VSOCK_PORT, 0, ports[i]), S_IFREG);
 		}
 		break;
 	}
@@ -498,8 +551,7 @@ static void fs_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		return;
 	}
 	for (i = off; i >= 0 && (size_t)i < d->n; i++) {
-		struct stat st = { .st_ino = d->ents[i].ino ? d->ents[i].ino : 0xffffffff,
-				   .st_mode = d->ents[i].mode };
+		struct stat st = { .st_ino = d->ents[i].ino, .st_mode = d->ents[i].mode };
 		size_t len = fuse_add_direntry(req, buf + used, size - used, d->ents[i].name, &st,
 					       i + 1);
 		if (len > size - used)
@@ -639,7 +691,12 @@ static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		}
 	}
 	fi->fh = (uint64_t)(uintptr_t)h;
-	fuse_reply_open(req, fi);
+	if (n->kind == NODE_VSOCK_CTL ||
+	    (n->kind == NODE_ATTR && (attr_table[n->attr].kind == ATTR_CTL ||
+				      attr_table[n->attr].kind == ATTR_CONSOLE)))
+		fs_reply_open_stream(req, fi);
+	else
+		fuse_reply_open(req, fi);
 	big_unlock();
 	return;
 out:
@@ -912,6 +969,8 @@ const struct fuse_lowlevel_ops fs_ops = {
 	.mknod = fs_mknod,
 	.create = fs_create,
 	.unlink = fs_unlink,
+	.symlink = fs_symlink,
+	.link = fs_link,
 	.rename = fs_rename,
 	.opendir = fs_opendir,
 	.readdir = fs_readdir,

@@ -18,6 +18,7 @@
 #include "qemu.h"
 #include "util.h"
 #include "vm.h"
+#include "vmvsock.h"
 
 struct capsafs cfs;
 
@@ -48,19 +49,33 @@ static void usage(const char *prog)
 	       prog, CAPSAFS_GUEST_DIR, CAPSAFS_GUEST_DIR, CAPSAFS_STOP_TIMEOUT_DEFAULT);
 }
 
-/* /tmp/vms → "tmp-vms": one socket directory per mount point. */
+/* /tmp/vms → "tmp-vms": one socket directory per mount point.  A long mount
+ * path keeps its last 24 characters behind a hash of the whole, so the name
+ * stays short and still tells which mount it is. */
 static void escape_path(const char *path, char *out, size_t len)
 {
-	size_t o = 0;
+	char esc[PATH_MAX];
+	size_t o = 0, n;
+	uint32_t h = 2166136261u; /* FNV-1a */
+	const char *p;
 
 	while (*path == '/')
 		path++;
 	if (!*path)
 		path = "-";
-	for (; *path && o + 1 < len; path++)
-		out[o++] = *path == '/' ? '-' : *path;
-	out[o] = '\0';
+	for (p = path; *p && o + 1 < sizeof(esc); p++) {
+		esc[o++] = *p == '/' ? '-' : *p;
+		h = (h ^ (uint8_t)*p) * 16777619u;
+	}
+	esc[o] = '\0';
+	n = strlen(esc);
+	if (n <= 32)
+		snprintf(out, len, "%s", esc);
+	else
+		snprintf(out, len, "%08x-%s", h, esc + n - 24);
 }
+
+static bool sockdir_created;
 
 static int setup_sockdir(const char *mountpoint, const char *given)
 {
@@ -80,6 +95,7 @@ static int setup_sockdir(const char *mountpoint, const char *given)
 		escape_path(mountpoint, name, sizeof(name));
 		snprintf(path, sizeof(path), "%s/%s", base, name);
 	}
+	sockdir_created = access(path, F_OK) < 0;
 	r = mkdir_p(path, 0700);
 	if (r < 0) {
 		fprintf(stderr, "capsafs: cannot create socket directory %s: %s\n", path,
@@ -174,8 +190,6 @@ int main(int argc, char *argv[])
 		goto out_args;
 	}
 	cfs.mountpoint = mnt;
-	if (setup_sockdir(mnt, o.sockdir) < 0)
-		goto out_args;
 	sysinfo(&si);
 	cfs.host_ram_mib = (uint64_t)si.totalram * si.mem_unit / (1024 * 1024);
 	cfs.uid = getuid();
@@ -188,6 +202,9 @@ int main(int argc, char *argv[])
 	if (!se)
 		goto out_args; /* libfuse said why (unknown option, ...) */
 	cfs.se = se;
+	/* only once every option is known good: a refused start leaves nothing */
+	if (setup_sockdir(mnt, o.sockdir) < 0)
+		goto out_session;
 	if (fuse_set_signal_handlers(se) != 0)
 		goto out_session;
 	if (fuse_session_mount(se, mnt) != 0)
@@ -215,14 +232,16 @@ int main(int argc, char *argv[])
 	ret = ret < 0 ? 1 : 0;
 	vm_shutdown_all();
 	loop_stop(cfs.loop);
+	for (struct vm *vm = cfs.vms; vm; vm = vm->next)
+		vmvsock_remove(vm); /* the VMs' socket directories go with the mount */
 out_unmount:
 	fuse_session_unmount(se);
 out_signals:
 	fuse_remove_signal_handlers(se);
 out_session:
 	fuse_session_destroy(se);
-	if (cfs.sockdir && !o.sockdir)
-		rmdir(cfs.sockdir);
+	if (cfs.sockdir && sockdir_created)
+		rmdir(cfs.sockdir); /* only if empty: a user's files stay */
 out_args:
 	free(opts.mountpoint);
 	fuse_opt_free_args(&args);

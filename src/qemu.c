@@ -19,6 +19,7 @@
 #include "qmp.h"
 #include "util.h"
 #include "vm.h"
+#include "vmvsock.h"
 
 struct qemu_proc {
 	struct vm *vm;
@@ -200,7 +201,7 @@ static int argv_add(struct argv_buf *a, const char *fmt, ...)
 }
 
 /* Fixed fd numbers in the child. */
-enum { CHILD_CON_FD = 3, CHILD_QMP_FD, CHILD_KERNEL_FD, CHILD_INITRD_FD, CHILD_FD_END };
+enum { CHILD_CON_FD = 3, CHILD_QMP_FD, CHILD_KERNEL_FD, CHILD_INITRD_FD, CHILD_SOCKDIR_FD, CHILD_FD_END };
 
 static int qemu_build_argv(struct vm *vm, const char *bin, bool initrd, const char *vhost_sock,
 			   struct argv_buf *a)
@@ -254,7 +255,8 @@ static int qemu_build_argv(struct vm *vm, const char *bin, bool initrd, const ch
 
 /* In the child, between fork and exec: async-signal-safe calls only. */
 static void __attribute__((noreturn))
-qemu_child(pid_t parent, int con, int qmp, int kernel, int initrd, int err, char **argv)
+qemu_child(pid_t parent, int con, int qmp, int kernel, int initrd, int sockdir, int err,
+	   char **argv)
 {
 	sigset_t all;
 	int devnull, fd;
@@ -273,6 +275,8 @@ qemu_child(pid_t parent, int con, int qmp, int kernel, int initrd, int err, char
 	kernel = fcntl(kernel, F_DUPFD, CHILD_FD_END + 8);
 	if (initrd >= 0)
 		initrd = fcntl(initrd, F_DUPFD, CHILD_FD_END + 8);
+	if (sockdir >= 0)
+		sockdir = fcntl(sockdir, F_DUPFD, CHILD_FD_END + 8);
 	err = fcntl(err, F_DUPFD, CHILD_FD_END + 8);
 	devnull = open("/dev/null", O_RDWR);
 	if (con < 0 || qmp < 0 || kernel < 0 || err < 0 || devnull < 0)
@@ -285,6 +289,8 @@ qemu_child(pid_t parent, int con, int qmp, int kernel, int initrd, int err, char
 	dup2(kernel, CHILD_KERNEL_FD);
 	if (initrd >= 0)
 		dup2(initrd, CHILD_INITRD_FD);
+	if (sockdir >= 0)
+		dup2(sockdir, CHILD_SOCKDIR_FD);
 	syscall(SYS_close_range, CHILD_FD_END, ~0U, 0);
 	execv(argv[0], argv);
 	{
@@ -295,8 +301,10 @@ qemu_child(pid_t parent, int con, int qmp, int kernel, int initrd, int err, char
 	_exit(127);
 }
 
-int qemu_spawn(struct vm *vm, int kernel_fd, int initrd_fd, const char *vhost_sock)
+int qemu_spawn(struct vm *vm, int kernel_fd, int initrd_fd, int sockdir_fd)
 {
+	char vhost_buf[64];
+	const char *vhost_sock;
 	__do_free struct qemu_proc *p = NULL;
 	__do_free struct argv_buf *a = NULL;
 	int con[2] = { -1, -1 }, qmp[2] = { -1, -1 }, err[2] = { -1, -1 };
@@ -314,6 +322,10 @@ int qemu_spawn(struct vm *vm, int kernel_fd, int initrd_fd, const char *vhost_so
 		return vm_fail(vm, ENOMEM, "out of memory");
 	p->vm = vm;
 	p->pidfd = p->con_fd = p->err_fd = -1;
+	/* QEMU reaches the device socket through the directory fd it inherits */
+	vhost_sock = sockdir_fd >= 0 ? vmvsock_device_socket(vm, CHILD_SOCKDIR_FD, vhost_buf,
+							       sizeof(vhost_buf))
+				     : NULL;
 	if (qemu_build_argv(vm, bin, initrd_fd >= 0, vhost_sock, a) < 0)
 		return vm_fail(vm, E2BIG, "qemu command line too long (kernel command line?)");
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, con) < 0 ||
@@ -328,7 +340,7 @@ int qemu_spawn(struct vm *vm, int kernel_fd, int initrd_fd, const char *vhost_so
 		goto fail_fds;
 	}
 	if (pid == 0)
-		qemu_child(self, con[1], qmp[1], kernel_fd, initrd_fd, err[1], a->v);
+		qemu_child(self, con[1], qmp[1], kernel_fd, initrd_fd, sockdir_fd, err[1], a->v);
 	close(con[1]);
 	close(qmp[1]);
 	close(err[1]);

@@ -18,9 +18,10 @@ int qemu_find(const char *qemu, char *path, size_t len);
 
 /* Fork+exec QEMU for vm from the loop thread.  kernel_fd/initrd_fd (initrd
  * may be -1) are the files opened with their namer's credentials; the child
- * reads them through /proc/self/fd. Returns 0 or -errno with a sentence in
- * vm->error. */
-int qemu_spawn(struct vm *vm, int kernel_fd, int initrd_fd, const char *vhost_sock);
+ * reads them through /proc/self/fd.  sockdir_fd (or -1 for no vsock device)
+ * is the VM's socket directory, where the vhost-user socket is.  Returns 0
+ * or -errno with a sentence in vm->error. */
+int qemu_spawn(struct vm *vm, int kernel_fd, int initrd_fd, int sockdir_fd);
 
 pid_t qemu_pid(const struct qemu_proc *p);
 /* Keystrokes to the serial console: bytes taken or -EAGAIN/-EPIPE. */

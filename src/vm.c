@@ -252,7 +252,7 @@ static void vm_launch(void *arg)
 		goto out;
 	}
 	console_boot(&vm->con);
-	r = qemu_spawn(vm, kfd, ifd, vmvsock_device_socket(vm));
+	r = qemu_spawn(vm, kfd, ifd, vmvsock_dirfd(vm));
 	if (r < 0) {
 		vmvsock_stopped(vm);
 		vm_start_failed(vm, -r);
@@ -348,15 +348,27 @@ void vm_qemu_exited(struct vm *vm, int status, const char *stderr_tail)
 
 /* ---- stopping ---- */
 
+#define STOP_REPRESS_MS 2000
+
+/* During the grace period the power button is pressed again every 2 s: a
+ * guest still booting (or not yet listening for it) misses the first press. */
 static void vm_kill_timer(void *arg)
 {
 	struct vm *vm = arg;
+	uint64_t now = now_ms();
 
 	vm->kill_timer = NULL;
-	if (vm->proc) {
+	if (!vm->proc || vm->stopping != STOP_ACPI)
+		return;
+	if (now >= vm->stop_deadline) {
 		log_info("%s: no power-off after %u s, killing qemu", vm->name, cfs.stop_timeout);
+		vm->stopping = STOP_KILL;
 		qemu_signal(vm->proc, SIGKILL);
+		return;
 	}
+	qemu_powerdown(vm->proc);
+	vm->kill_timer = loop_timer_add(cfs.loop, MIN(STOP_REPRESS_MS, vm->stop_deadline - now),
+					vm_kill_timer, vm);
 }
 
 static int vm_begin_stop(struct vm *vm, bool force)
@@ -381,7 +393,8 @@ static int vm_begin_stop(struct vm *vm, bool force)
 		return 0;
 	}
 	vm_state_set(vm, VM_STOPPING);
-	vm->kill_timer = loop_timer_add(cfs.loop, (uint64_t)cfs.stop_timeout * 1000,
+	vm->stop_deadline = now_ms() + (uint64_t)cfs.stop_timeout * 1000;
+	vm->kill_timer = loop_timer_add(cfs.loop, MIN(STOP_REPRESS_MS, (uint64_t)cfs.stop_timeout * 1000),
 					vm_kill_timer, vm);
 	return 0;
 }

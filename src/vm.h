@@ -46,7 +46,8 @@ struct vm {
 	struct qemu_proc *proc; /* NULL when no QEMU runs */
 	enum { STOP_NONE, STOP_ACPI, STOP_KILL } stopping;
 	bool restart_pending;
-	struct loop_timer *kill_timer;
+	struct loop_timer *kill_timer; /* re-press / kill during a stop */
+	uint64_t stop_deadline;        /* ms: kill after this */
 
 	struct plist start_waiters; /* ctl writes waiting for running */
 	struct plist stop_waiters;  /* ctl writes waiting for stopped */

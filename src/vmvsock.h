@@ -18,8 +18,11 @@ void vmvsock_remove(struct vm *vm);
 
 /* Before QEMU starts: create the device socket and the exported sockets. */
 int vmvsock_prepare(struct vm *vm);
-/* vhost-user socket for QEMU's -chardev, or NULL for no vsock device. */
-const char *vmvsock_device_socket(struct vm *vm);
+/* vhost-user socket for QEMU's -chardev as QEMU sees it (relative to the
+ * directory fd it inherits at child_dirfd), or NULL for no vsock device. */
+const char *vmvsock_device_socket(struct vm *vm, int child_dirfd, char *buf, size_t len);
+/* The socket directory's fd for QEMU to inherit, or -1. */
+int vmvsock_dirfd(struct vm *vm);
 /* QEMU is gone: reset every connection, remove the sockets. */
 void vmvsock_stopped(struct vm *vm);
 

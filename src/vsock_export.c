@@ -52,15 +52,44 @@ static void bridge_pump(struct vbridge *b);
 
 /* ---- listening sockets ---- */
 
-static int unix_listen(struct vm *vm, const char *path)
+/* sun_path holds 108 bytes; a longer path is reached through an O_PATH fd
+ * of its directory.  Fills sa; returns the directory fd to close (or -1). */
+static int unix_addr(const char *path, struct sockaddr_un *sa)
 {
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	char dir[PATH_MAX];
+	const char *base = strrchr(path, '/');
+	int dfd;
+
+	sa->sun_family = AF_UNIX;
+	if (strlen(path) < sizeof(sa->sun_path)) {
+		strcpy(sa->sun_path, path);
+		return -1;
+	}
+	if (!base || (size_t)(base - path) >= sizeof(dir))
+		return -ENAMETOOLONG;
+	memcpy(dir, path, (size_t)(base - path));
+	dir[base - path] = '\0';
+	dfd = open(dir[0] ? dir : "/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+	if (dfd < 0)
+		return -errno;
+	if ((size_t)snprintf(sa->sun_path, sizeof(sa->sun_path), "/proc/self/fd/%d%s", dfd, base) >=
+	    sizeof(sa->sun_path)) {
+		close(dfd);
+		return -ENAMETOOLONG;
+	}
+	return dfd;
+}
+
+int unix_listen_at(struct vm *vm, const char *path)
+{
+	struct sockaddr_un sa;
 	struct stat st;
 	__do_close int fd = -1;
+	__do_close int dfd = -1;
 
-	if (strlen(path) >= sizeof(sa.sun_path))
-		return vm_fail(vm, ENAMETOOLONG, "socket path too long: %s", path);
-	strcpy(sa.sun_path, path);
+	dfd = unix_addr(path, &sa);
+	if (dfd < -1)
+		return vm_fail(vm, -dfd, "cannot reach %s: %s", path, strerror(-dfd));
 	/* a stale socket from a crashed daemon is replaced; anything else stays */
 	if (lstat(path, &st) == 0) {
 		if (!S_ISSOCK(st.st_mode))
@@ -78,6 +107,22 @@ static int unix_listen(struct vm *vm, const char *path)
 		unlink(path);
 		return vm_fail(vm, e, "cannot set up %s: %s", path, strerror(e));
 	}
+	return move_fd(fd);
+}
+
+int unix_connect_at(const char *path)
+{
+	struct sockaddr_un sa;
+	__do_close int dfd = unix_addr(path, &sa);
+	__do_close int fd = -1;
+
+	if (dfd < -1)
+		return dfd;
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -errno;
+	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0)
+		return -errno;
 	return move_fd(fd);
 }
 
@@ -443,7 +488,7 @@ int vexport_port_open(struct vport *p)
 	struct vm *vm = p->vm;
 
 	vport_sockpath(vm, p, p->sockpath, sizeof(p->sockpath));
-	p->listen_fd = unix_listen(vm, p->sockpath);
+	p->listen_fd = unix_listen_at(vm, p->sockpath);
 	if (p->listen_fd < 0)
 		return p->listen_fd;
 	p->listen_w = loop_watch_add(cfs.loop, p->listen_fd, EPOLLIN, port_accept_ready, p);
@@ -500,7 +545,7 @@ static void hybrid_accept_ready(void *arg, uint32_t events)
 int vexport_hybrid_open(struct vmvsock *vs)
 {
 	snprintf(vs->hybrid_path, sizeof(vs->hybrid_path), "%s/vsock.sock", vs->dir);
-	vs->hybrid_fd = unix_listen(vs->vm, vs->hybrid_path);
+	vs->hybrid_fd = unix_listen_at(vs->vm, vs->hybrid_path);
 	if (vs->hybrid_fd < 0)
 		return vs->hybrid_fd;
 	vs->hybrid_w = loop_watch_add(cfs.loop, vs->hybrid_fd, EPOLLIN, hybrid_accept_ready, vs);
@@ -532,20 +577,16 @@ void vexport_drop_all(struct vmvsock *vs)
 
 int vexport_forward(struct vmvsock *vs, struct vsock_conn *c, uint32_t port)
 {
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	char path[PATH_MAX];
 	struct vbridge *b;
 	int fd, n;
 
-	n = snprintf(sa.sun_path, sizeof(sa.sun_path), "%s/vsock.sock_%" PRIu32, vs->dir, port);
-	if (n < 0 || (size_t)n >= sizeof(sa.sun_path))
+	n = snprintf(path, sizeof(path), "%s/vsock.sock_%" PRIu32, vs->dir, port);
+	if (n < 0 || (size_t)n >= sizeof(path))
 		return -ECONNREFUSED;
-	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	fd = unix_connect_at(path);
 	if (fd < 0)
-		return -ECONNREFUSED;
-	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
-		close(fd);
 		return -ECONNREFUSED; /* no listener: the guest gets RST */
-	}
 	b = bridge_new(vs, fd, port, BR_OPEN);
 	if (!b) {
 		close(fd);

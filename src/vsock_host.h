@@ -49,7 +49,10 @@ struct vmvsock {
 	struct vm *vm;
 	struct vport *ports;
 	char dir[PATH_MAX / 2]; /* SOCKDIR/<vm> */
-	char devsock[PATH_MAX]; /* vhost-user socket QEMU connects to */
+	int dirfd;              /* O_PATH fd of dir while running: binds go through
+				 * /proc/self/fd/N/name, so sun_path's 108 bytes
+				 * never limit a deep SOCKDIR or a long VM name */
+	char devsock[64];       /* vhost-user socket, as the daemon binds it */
 	struct vsock_dev *dev;
 	/* the Firecracker-style hybrid socket */
 	int hybrid_fd;
@@ -61,6 +64,10 @@ struct vmvsock {
 struct vport *vport_find(struct vmvsock *vs, uint32_t port);
 
 /* vsock_export.c */
+/* Bind (listen) or connect a Unix socket at path, through a short
+ * /proc/self/fd path when path is longer than sun_path allows. */
+int unix_listen_at(struct vm *vm, const char *path);
+int unix_connect_at(const char *path);
 int vexport_port_open(struct vport *p);   /* create the port's socket */
 void vexport_port_close(struct vport *p); /* remove it, drop waiting clients */
 int vexport_hybrid_open(struct vmvsock *vs);

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/socket.h>
 
+#include "fs.h"
 #include "log.h"
 #include "util.h"
 #include "vm.h"
@@ -74,10 +75,8 @@ static void vstream_notify(struct vstream *s)
 static void vstream_reply_open(struct vstream *s, fuse_req_t req)
 {
 	s->fi.fh = (uint64_t)(uintptr_t)s;
-	s->fi.direct_io = 1;
-	s->fi.nonseekable = 1;
 	vstream_count(s, +1);
-	fuse_reply_open(req, &s->fi);
+	fs_reply_open_stream(req, &s->fi);
 }
 
 /* Serve parked reads from the connection's buffer. */

@@ -18,6 +18,7 @@
 #include "vsock/vsock.h"
 #include "vsock_host.h"
 #include "loop.h"
+#include <fcntl.h>
 #include <sys/socket.h>
 
 int vmvsock_init(struct vm *vm)
@@ -29,7 +30,7 @@ int vmvsock_init(struct vm *vm)
 	vs->vm = vm;
 	vs->hybrid_fd = -1;
 	snprintf(vs->dir, sizeof(vs->dir), "%s/%s", cfs.sockdir, vm->name);
-	snprintf(vs->devsock, sizeof(vs->devsock), "%s/.vhost-user.sock", vs->dir);
+	vs->dirfd = -1;
 	vm->vsock = vs;
 	return 0;
 }
@@ -159,14 +160,21 @@ int vmvsock_prepare(struct vm *vm)
 	/* the VM's owner reaches its sockets; nobody else */
 	if (geteuid() == 0 && chown(vs->dir, vm->uid, vm->gid) < 0)
 		return vm_fail(vm, errno, "cannot chown %s: %s", vs->dir, strerror(errno));
+	vs->dirfd = open(vs->dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+	if (vs->dirfd < 0)
+		return vm_fail(vm, errno, "cannot open %s: %s", vs->dir, strerror(errno));
+	snprintf(vs->devsock, sizeof(vs->devsock), "/proc/self/fd/%d/.vhost-user.sock", vs->dirfd);
 	cfg.guest_cid = vm->cid;
 	cfg.socket_path = vs->devsock;
 	cfg.accept = vport_accept;
 	cfg.accept_arg = vs;
 	vs->dev = vsock_dev_new(cfs.loop, &cfg);
-	if (!vs->dev)
-		return vm_fail(vm, errno ? errno : EIO, "cannot create the vsock device at %s: %s",
-			       vs->devsock, strerror(errno ? errno : EIO));
+	if (!vs->dev) {
+		r = vm_fail(vm, errno ? errno : EIO, "cannot create the vsock device in %s: %s",
+			    vs->dir, strerror(errno ? errno : EIO));
+		vmvsock_stopped(vm);
+		return r;
+	}
 	for (p = vs->ports; p; p = p->next) {
 		r = vexport_port_open(p);
 		if (r < 0)
@@ -181,9 +189,17 @@ fail:
 	return r;
 }
 
-const char *vmvsock_device_socket(struct vm *vm)
+const char *vmvsock_device_socket(struct vm *vm, int child_dirfd, char *buf, size_t len)
 {
-	return vm->vsock->dev ? vm->vsock->devsock : NULL;
+	if (!vm->vsock->dev)
+		return NULL;
+	snprintf(buf, len, "/proc/self/fd/%d/.vhost-user.sock", child_dirfd);
+	return buf;
+}
+
+int vmvsock_dirfd(struct vm *vm)
+{
+	return vm->vsock->dev ? vm->vsock->dirfd : -1;
 }
 
 void vmvsock_stopped(struct vm *vm)
@@ -202,6 +218,10 @@ void vmvsock_stopped(struct vm *vm)
 	for (p = vs->ports; p; p = p->next)
 		vport_runtime_stop(p);
 	vexport_hybrid_close(vs);
+	if (vs->dirfd >= 0) {
+		close(vs->dirfd);
+		vs->dirfd = -1;
+	}
 }
 
 struct vsock_dev *vmvsock_dev(struct vm *vm)
