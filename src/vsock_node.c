@@ -128,7 +128,9 @@ static void vstream_serve_writers(struct vstream *s)
 				w->off += (size_t)n;
 				if (w->off < w->len)
 					break;
-				fuse_reply_write(pending_take(p), w->len);
+				/* the whole write(2), including what went out at once */
+				size_t size = p->size;
+				fuse_reply_write(pending_take(p), size);
 			}
 		}
 		free(w->data);
