@@ -416,8 +416,8 @@ static int ctl_start(void *obj, int argc, char **argv, void *ctx)
 
 	if (r < 0)
 		return r;
-	pending_park(c->req, &vm->start_waiters, 0, c->size, NULL);
-	return CTL_PARKED;
+	/* the start goes on either way; without memory to wait, say so now */
+	return pending_park(c->req, &vm->start_waiters, 0, c->size, NULL) ? CTL_PARKED : -ENOMEM;
 }
 
 static int ctl_stop_common(struct vm *vm, struct ctl_ctx *c, bool force)
@@ -428,8 +428,7 @@ static int ctl_stop_common(struct vm *vm, struct ctl_ctx *c, bool force)
 		return r;
 	if (!vm->proc)
 		return CTL_DONE;
-	pending_park(c->req, &vm->stop_waiters, 0, c->size, NULL);
-	return CTL_PARKED;
+	return pending_park(c->req, &vm->stop_waiters, 0, c->size, NULL) ? CTL_PARKED : -ENOMEM;
 }
 
 static int ctl_stop(void *obj, int argc, char **argv, void *ctx)
@@ -456,8 +455,7 @@ static int ctl_restart(void *obj, int argc, char **argv, void *ctx)
 	if (r < 0)
 		return r;
 	vm->restart_pending = true;
-	pending_park(c->req, &vm->restart_waiters, 0, c->size, NULL);
-	return CTL_PARKED;
+	return pending_park(c->req, &vm->restart_waiters, 0, c->size, NULL) ? CTL_PARKED : -ENOMEM;
 }
 
 static const struct ctl_cmd vm_ctl_cmds[] = {
