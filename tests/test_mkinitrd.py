@@ -20,7 +20,9 @@ import pytest
 
 import util
 
-DEFAULT_MODULES = ["virtio_pci", "virtio_console", "virtio_net", "vmw_vsock_virtio_transport"]
+# the transports and devices capsafs gives a guest, and the ACPI power button its stop uses
+DEFAULT_MODULES = ["virtio_pci", "virtio_console", "virtio_net", "vmw_vsock_virtio_transport",
+                   "button", "evdev"]
 VSOCK_MODULES = ["vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport"]
 RUN_TIMEOUT = 120  # one capsafs-mkinitrd run
 
