@@ -246,18 +246,22 @@ void conn_update_sendq(struct vsock_conn *c)
 }
 
 /* Tell the guest what the host consumed once its view of our free space
- * drops below half the buffer: small request/response traffic never gets
+ * drops below half its window: small request/response traffic never gets
  * there (no extra packets), while a stream gets an update per half window
- * and so never stops to wait for one. */
+ * and so never stops to wait for one.  The window is our buffer or the
+ * guest's own, whichever is smaller: Linux caps its tx credit to its own
+ * buf_alloc, so a guest with a smaller buffer never has more than that in
+ * flight, and waiting for half of ours would stall it for good. */
 static void conn_consumed(struct vsock_conn *c, uint32_t n)
 {
-	uint32_t guest_view_free;
+	uint32_t window, guest_view_free;
 
 	c->fwd_cnt += n;
 	if (!c->dev || c->state == CONN_DEAD || c->state == CONN_PEER_CLOSED)
 		return;
-	guest_view_free = VSOCK_BUF_ALLOC - MIN(VSOCK_BUF_ALLOC, c->rx_cnt - c->fwd_cnt_sent);
-	if (c->fwd_cnt != c->fwd_cnt_sent && guest_view_free < VSOCK_BUF_ALLOC / 2) {
+	window = MIN(VSOCK_BUF_ALLOC, c->peer_buf_alloc);
+	guest_view_free = window - MIN(window, c->rx_cnt - c->fwd_cnt_sent);
+	if (c->fwd_cnt != c->fwd_cnt_sent && guest_view_free <= window / 2) {
 		c->pend |= PEND_CREDIT;
 		conn_update_sendq(c);
 		dev_rx_flush(c->dev);
@@ -320,6 +324,9 @@ uint32_t conn_fill_rx(struct vsock_conn *c, const struct vring_chain *ch)
 	} else if (c->pend & PEND_CREDIT) {
 		op = VIRTIO_VSOCK_OP_CREDIT_UPDATE;
 	} else {
+		/* nothing that fits this buffer: to the back of the queue if
+		 * there is output for a bigger one */
+		list_del(&c->send_node);
 		conn_update_sendq(c);
 		return 0;
 	}
@@ -914,17 +921,16 @@ ssize_t vsock_conn_splice_from_fd(struct vsock_conn *c, int fd)
 
 	if (r < 0)
 		return r;
-	if (conn_direct_ok(c)) {
-		if (conn_credit(c) == 0) {
-			/* leave the bytes in the fd: that is the backpressure */
-			c->want_writable = true;
-			return -EAGAIN;
-		}
+	/* Without credit the bytes go to txbuf like vsock_conn_write's: the
+	 * caller was told there is room (vsock_conn_writable counts txbuf), and
+	 * an -EAGAIN here would leave it polling a readable fd in a busy loop.
+	 * Once txbuf is full, the bytes left in the fd are the backpressure. */
+	if (conn_direct_ok(c) && conn_credit(c) > 0) {
 		n = conn_send_direct(c, fill_from_fd, &fd, SIZE_MAX, &no_room);
 		if (!no_room)
 			return n;
 	}
-	/* Queue behind what is pending (or no rx buffer right now). */
+	/* Queue behind what is pending (or no rx buffer or credit right now). */
 	if (c->tx_len >= VSOCK_TXBUF || conn_txbuf_alloc(c) < 0) {
 		c->want_writable = true;
 		return -EAGAIN;

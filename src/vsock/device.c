@@ -131,9 +131,17 @@ void dev_rx_flush(struct vsock_dev *d)
 			d->ctrl_len--;
 			len = VSOCK_HDR_LEN;
 		}
-		while (!len && !list_empty(&d->sendq)) {
+		for (struct vsock_conn *first = NULL; !len && !list_empty(&d->sendq);) {
 			struct vsock_conn *c = container_of(d->sendq.next, struct vsock_conn,
 							    send_node);
+			/* Round the queue once at most: a buffer with room for
+			 * a header only fits no data (conn_fill_rx sends those
+			 * to the back), and without this check such a buffer
+			 * spun here forever. */
+			if (c == first)
+				break;
+			if (!first)
+				first = c;
 			len = conn_fill_rx(c, &ch);
 		}
 		if (!len) {
