@@ -244,47 +244,54 @@ static void loop_free_dead(struct loop *l)
 	}
 }
 
+int loop_run_once(struct loop *l, int timeout_ms)
+{
+	struct epoll_event evs[64];
+	int timeout = timeout_ms, n, i;
+
+	pthread_mutex_lock(&l->call_mutex);
+	if (l->calls)
+		timeout = 0;
+	pthread_mutex_unlock(&l->call_mutex);
+	if (timeout != 0 && l->timers) {
+		uint64_t now = now_ms();
+		int t = l->timers->due <= now ? 0 : (int)MIN(l->timers->due - now, 60000);
+		if (timeout < 0 || t < timeout)
+			timeout = t;
+	}
+	big_unlock();
+	n = epoll_wait(l->epfd, evs, ARRAY_SIZE(evs), timeout);
+	big_lock();
+	if (n < 0 && errno != EINTR) {
+		int e = errno;
+		log_err("epoll_wait: %s", strerror(e));
+		return -e;
+	}
+	for (i = 0; i < n; i++) {
+		struct loop_watch *w = evs[i].data.ptr;
+		if (!w) {
+			uint64_t v;
+			if (read(l->wakefd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+				log_warn("wake fd: %s", strerror(errno));
+			continue;
+		}
+		if (!w->dead)
+			w->fn(w->arg, evs[i].events);
+	}
+	loop_free_dead(l);
+	loop_run_due(l);
+	loop_free_dead(l);
+	return n < 0 ? 0 : n;
+}
+
 static void *loop_thread(void *arg)
 {
 	struct loop *l = arg;
-	struct epoll_event evs[64];
 
 	big_lock();
-	while (!l->stop) {
-		int timeout = -1, n, i;
-
-		pthread_mutex_lock(&l->call_mutex);
-		if (l->calls)
-			timeout = 0;
-		pthread_mutex_unlock(&l->call_mutex);
-		if (timeout == 0)
-			;
-		else if (l->timers) {
-			uint64_t now = now_ms();
-			timeout = l->timers->due <= now ? 0 : (int)MIN(l->timers->due - now, 60000);
-		}
-		big_unlock();
-		n = epoll_wait(l->epfd, evs, ARRAY_SIZE(evs), timeout);
-		big_lock();
-		if (n < 0 && errno != EINTR) {
-			log_err("epoll_wait: %s", strerror(errno));
+	while (!l->stop)
+		if (loop_run_once(l, -1) < 0)
 			break;
-		}
-		for (i = 0; i < n; i++) {
-			struct loop_watch *w = evs[i].data.ptr;
-			if (!w) {
-				uint64_t v;
-				if (read(l->wakefd, &v, sizeof(v)) < 0 && errno != EAGAIN)
-					log_warn("wake fd: %s", strerror(errno));
-				continue;
-			}
-			if (!w->dead)
-				w->fn(w->arg, evs[i].events);
-		}
-		loop_free_dead(l);
-		loop_run_due(l);
-		loop_free_dead(l);
-	}
 	big_unlock();
 	return NULL;
 }

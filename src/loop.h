@@ -26,6 +26,12 @@ struct loop *loop_new(void);
 /* Start the loop thread.  Children forked from loop callbacks get
  * PR_SET_PDEATHSIG tied to this thread, which lives until loop_stop. */
 int loop_start(struct loop *l);
+/* One round of the loop in the calling thread, for tests and fuzzers that
+ * drive it without loop_start: waits up to timeout_ms (-1: until the next
+ * timer) for fds, runs their callbacks, then due timers and loop_calls.
+ * Call with the big lock held (it is dropped while waiting).  Returns the
+ * number of ready fds or -errno. */
+int loop_run_once(struct loop *l, int timeout_ms);
 /* Stop and join the loop thread; call WITHOUT the big lock. */
 void loop_stop(struct loop *l);
 void loop_free(struct loop *l);

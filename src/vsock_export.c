@@ -348,28 +348,33 @@ static void bridge_pump(struct vbridge *b)
 	bridge_watch(b, ev);
 }
 
-static int hybrid_parse(struct vbridge *b, uint32_t *port)
+int hybrid_parse_line(char *in, size_t cap, size_t *inlen, uint32_t *port)
 {
-	char *nl = memchr(b->in, '\n', b->inlen), *end;
+	char *nl = memchr(in, '\n', *inlen), *end;
 	size_t linelen;
 	uint64_t v;
 
 	if (!nl)
-		return b->inlen >= sizeof(b->in) ? -EINVAL : -EAGAIN;
-	linelen = (size_t)(nl - b->in);
-	if (linelen > 0 && b->in[linelen - 1] == '\r')
+		return *inlen >= cap ? -EINVAL : -EAGAIN;
+	linelen = (size_t)(nl - in);
+	if (linelen > 0 && in[linelen - 1] == '\r')
 		end = nl - 1;
 	else
 		end = nl;
-	if ((size_t)(end - b->in) < 8 || memcmp(b->in, "CONNECT ", 8) != 0)
+	if ((size_t)(end - in) < 8 || memcmp(in, "CONNECT ", 8) != 0)
 		return -EINVAL;
-	if (parse_u64(b->in + 8, (size_t)(end - b->in) - 8, 0, 0xfffffffeu, &v) < 0)
+	if (parse_u64(in + 8, (size_t)(end - in) - 8, 0, 0xfffffffeu, &v) < 0)
 		return -EINVAL;
 	*port = (uint32_t)v;
 	/* what follows the newline belongs to the stream */
-	b->inlen -= linelen + 1;
-	memmove(b->in, nl + 1, b->inlen);
+	*inlen -= linelen + 1;
+	memmove(in, nl + 1, *inlen);
 	return 0;
+}
+
+static int hybrid_parse(struct vbridge *b, uint32_t *port)
+{
+	return hybrid_parse_line(b->in, sizeof(b->in), &b->inlen, port);
 }
 
 static void bridge_dial(struct vbridge *b, uint32_t port)

@@ -64,6 +64,10 @@ struct vmvsock {
 struct vport *vport_find(struct vmvsock *vs, uint32_t port);
 
 /* vsock_export.c */
+/* The hybrid socket's "CONNECT <port>\n" line at the start of in[0..*inlen)
+ * (cap bytes of room): 0 with *port set and the line removed (what followed
+ * it stays in in), -EAGAIN for more bytes, -EINVAL for a bad line. */
+int hybrid_parse_line(char *in, size_t cap, size_t *inlen, uint32_t *port);
 /* Bind (listen) or connect a Unix socket at path, through a short
  * /proc/self/fd path when path is longer than sun_path allows. */
 int unix_listen_at(struct vm *vm, const char *path);
