@@ -43,6 +43,8 @@ static int store_path(struct vm *vm, const char *what, const char *val, size_t l
 		if (path[0] != '/')
 			return vm_fail(vm, EINVAL, "%s: '%s' is not an absolute path", what, path);
 		fd = cred_open_read(who, path);
+		if (fd == -EINVAL)
+			return vm_fail(vm, EINVAL, "%s: '%s' is not a regular file", what, path);
 		if (fd < 0)
 			return vm_fail(vm, -fd, "%s: cannot read '%s': %s", what, path,
 				       strerror(-fd));

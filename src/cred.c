@@ -76,6 +76,19 @@ static int check_by_mode(const struct cred *c, const char *path)
 	return 0;
 }
 
+/* Kernels and initramfs images are regular files: a FIFO, a device or a
+ * directory named as one would hang or confuse QEMU. */
+static int check_regular(int fd)
+{
+	struct stat st;
+
+	if (fstat(fd, &st) < 0)
+		return -errno;
+	return S_ISREG(st.st_mode) ? 0 : -EINVAL;
+}
+
+/* O_NONBLOCK: a FIFO (or a tty) named as a kernel must not block the open,
+ * which runs under the big lock; regular files ignore the flag. */
 int cred_open_read(const struct cred *c, const char *path)
 {
 	int fd, err = 0;
@@ -91,19 +104,30 @@ int cred_open_read(const struct cred *c, const char *path)
 			return -errno;
 		setfsgid(c->gid);
 		setfsuid(c->uid);
-		fd = open(path, O_RDONLY | O_CLOEXEC);
+		fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
 		if (fd < 0)
 			err = -errno;
+		else
+			err = check_regular(fd);
 		setfsuid(0);
 		setfsgid(0);
 		syscall(SYS_setgroups, (size_t)(nsaved < 0 ? 0 : nsaved), saved_groups);
-		return fd < 0 ? err : fd;
+		if (err && fd >= 0)
+			close(fd);
+		return err ? err : fd;
 	}
 	if (c->uid != geteuid() && geteuid() != 0) {
 		err = check_by_mode(c, path);
 		if (err)
 			return err;
 	}
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	return fd < 0 ? -errno : fd;
+	fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+	if (fd < 0)
+		return -errno;
+	err = check_regular(fd);
+	if (err) {
+		close(fd);
+		return err;
+	}
+	return fd;
 }

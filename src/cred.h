@@ -20,7 +20,7 @@ void cred_from_req(struct fuse_req *req, struct cred *c);
 void cred_self(struct cred *c);
 bool cred_in_group(const struct cred *c, gid_t gid);
 
-/* open(path, O_RDONLY|O_CLOEXEC) as the user c: returns an fd or -errno. */
+/* open(path, O_RDONLY|O_CLOEXEC|O_NONBLOCK) as the user c: returns an fd or -errno. */
 int cred_open_read(const struct cred *c, const char *path);
 
 #endif

@@ -243,6 +243,11 @@ out_session:
 	if (cfs.sockdir && sockdir_created)
 		rmdir(cfs.sockdir); /* only if empty: a user's files stay */
 out_args:
+	/* fuse_opt_parse strdup'ed every string option; qemu, kernel and
+	 * initrd live on in cfs */
+	free(o.sockdir);
+	free(o.accel);
+	free(o.vsock);
 	free(opts.mountpoint);
 	fuse_opt_free_args(&args);
 	return ret;

@@ -366,3 +366,16 @@ def test_kernel_swapped_for_unreadable_file_after_write_is_refused_at_start(
     assert e == errno.EACCES, errname(e)
     vm = m.vm("swap")
     assert vm.state() != "running" and vm.read("pid") == ""
+
+
+@pytest.mark.parametrize("attr", ["kernel", "initrd"])
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_kernel_that_is_not_a_regular_file_is_einval_at_once(vm, tmp_path, attr, kind):
+    # a FIFO with no writer would block the daemon's open if it waited for one
+    path = tmp_path / kind
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    assert vm.write(attr, str(path), timeout=5) == errno.EINVAL
+    assert "not a regular file" in vm.error()
