@@ -102,7 +102,7 @@ int unix_listen_at(struct vm *vm, const char *path)
 	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0)
 		return vm_fail(vm, errno, "cannot bind %s: %s", path, strerror(errno));
 	if (chmod(path, 0600) < 0 ||
-	    (geteuid() == 0 && chown(path, vm->uid, vm->gid) < 0) || listen(fd, 128) < 0) {
+	    (geteuid() == 0 && chown(path, vm->uid, vm->gid) < 0) || listen(fd, SOMAXCONN) < 0) {
 		int e = errno;
 		unlink(path);
 		return vm_fail(vm, e, "cannot set up %s: %s", path, strerror(e));
