@@ -79,33 +79,49 @@ static void vstream_reply_open(struct vstream *s, fuse_req_t req)
 	fs_reply_open_stream(req, &s->fi);
 }
 
+/* Answer a read from the connection's buffers (one copy, into the kernel);
+ * returns false when nothing is buffered yet. */
+static bool vstream_reply_data(struct vstream *s, fuse_req_t req, size_t size)
+{
+	struct iovec iov[64];
+	size_t n = 0;
+	int cnt, i;
+
+	cnt = vsock_conn_peek(s->conn, iov, (int)ARRAY_SIZE(iov), size);
+	if (cnt <= 0)
+		return false;
+	for (i = 0; i < cnt; i++)
+		n += iov[i].iov_len;
+	fuse_reply_iov(req, iov, cnt);
+	vsock_conn_consume(s->conn, n);
+	return true;
+}
+
 /* Serve parked reads from the connection's buffer. */
 static void vstream_serve_readers(struct vstream *s)
 {
 	while (!plist_empty(&s->readers)) {
 		struct pending *p = s->readers.head;
-		char *buf;
+		size_t size = p->size;
+		char probe;
 		ssize_t n;
 
 		if (!s->conn) {
 			fuse_reply_err(pending_take(p), s->err);
 			continue;
 		}
-		buf = malloc(p->size ? p->size : 1);
-		if (!buf) {
-			fuse_reply_err(pending_take(p), ENOMEM);
+		if (size > 0 && vsock_conn_readable(s->conn) > 0) {
+			fuse_req_t req = pending_take(p);
+			vstream_reply_data(s, req, size);
 			continue;
 		}
-		n = vsock_conn_read(s->conn, buf, p->size);
-		if (n == -EAGAIN) {
-			free(buf);
+		n = vsock_conn_read(s->conn, &probe, 0);
+		if (n == -EAGAIN)
 			break;
-		}
 		if (n < 0)
 			fuse_reply_err(pending_take(p), (int)-n);
 		else
-			fuse_reply_buf(pending_take(p), buf, (size_t)n);
-		free(buf);
+			fuse_reply_buf(pending_take(p), NULL, 0); /* EOF */
 	}
 }
 
@@ -293,7 +309,7 @@ void vmvsock_open(struct vm *vm, uint32_t port, fuse_req_t req, struct fuse_file
 void vmvsock_read(struct vm *vm, fuse_req_t req, size_t size, struct fuse_file_info *fi)
 {
 	struct vstream *s = (struct vstream *)(uintptr_t)fi->fh;
-	char *buf;
+	char probe;
 	ssize_t n;
 
 	if (!s->conn) {
@@ -306,21 +322,17 @@ void vmvsock_read(struct vm *vm, fuse_req_t req, size_t size, struct fuse_file_i
 			fuse_reply_err(req, ENOMEM);
 		return;
 	}
-	buf = malloc(size ? size : 1);
-	if (!buf) {
-		fuse_reply_err(req, ENOMEM);
+	if (size > 0 && vstream_reply_data(s, req, size))
 		return;
-	}
-	n = vsock_conn_read(s->conn, buf, size);
+	n = vsock_conn_read(s->conn, &probe, 0); /* nothing buffered: EOF, reset or wait */
 	if (n >= 0) {
-		fuse_reply_buf(req, buf, (size_t)n);
+		fuse_reply_buf(req, NULL, 0);
 	} else if (n == -EAGAIN && !(fi->flags & O_NONBLOCK)) {
 		if (!pending_park(req, &s->readers, PEND_READ, size, s))
 			fuse_reply_err(req, ENOMEM);
 	} else {
 		fuse_reply_err(req, (int)-n);
 	}
-	free(buf);
 }
 
 void vmvsock_write(struct vm *vm, fuse_req_t req, const char *buf, size_t size,

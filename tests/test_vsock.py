@@ -408,6 +408,30 @@ def test_64_mib_guest_to_host_through_a_socket_checksummed(g):
     assert h.hexdigest() == want
 
 
+def test_16_mib_guest_to_host_through_the_node_checksummed(g):
+    # reads are answered straight from the connection's buffers (peek/consume)
+    g.con.check("dd if=/dev/urandom of=/tmp/blob16 bs=1M count=16 2>/dev/null", timeout=120)
+    want = g.con.check("sha256sum /tmp/blob16", timeout=120).split()[0]
+    declare(g, "listen 1042")
+    guest_bg(g, "socat -u FILE:/tmp/blob16 VSOCK-CONNECT:2:1042")
+    fd = util.fs(os.open, g.vm.path("vsock", "1042"), os.O_RDONLY)
+    try:
+        h = hashlib.sha256()
+        n = 0
+        while True:
+            # odd read sizes: a read may end inside a buffered packet
+            chunk = util.call_with_timeout(os.read, fd, 100003, timeout=60, what="read node")
+            if not chunk:
+                break
+            h.update(chunk)
+            n += len(chunk)
+    finally:
+        os.close(fd)
+    g.con.check("rm -f /tmp/blob16")
+    assert n == 16 << 20
+    assert h.hexdigest() == want
+
+
 # ---- many at once ----------------------------------------------------------------------
 
 def test_100_concurrent_connections_through_the_connect_socket(g):

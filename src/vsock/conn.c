@@ -813,6 +813,46 @@ ssize_t vsock_conn_read(struct vsock_conn *c, void *buf, size_t len)
 	return (ssize_t)done;
 }
 
+int vsock_conn_peek(const struct vsock_conn *c, struct iovec *iov, int max, size_t len)
+{
+	const struct rx_chunk *k;
+	int cnt = 0;
+
+	if (c->state == CONN_DEAD)
+		return -ECONNRESET;
+	for (k = c->rx_head; k && cnt < max && len > 0; k = k->next, cnt++) {
+		size_t n = MIN(len, (size_t)(k->len - k->off));
+		iov[cnt].iov_base = (void *)(k->data + k->off);
+		iov[cnt].iov_len = n;
+		len -= n;
+	}
+	return cnt;
+}
+
+void vsock_conn_consume(struct vsock_conn *c, size_t n)
+{
+	size_t done = 0;
+
+	if (c->state == CONN_DEAD)
+		return;
+	n = MIN(n, (size_t)c->rx_bytes);
+	while (done < n && c->rx_head) {
+		struct rx_chunk *k = c->rx_head;
+		size_t take = MIN(n - done, (size_t)(k->len - k->off));
+
+		k->off += (uint32_t)take;
+		done += take;
+		if (k->off == k->len) {
+			c->rx_head = k->next;
+			if (!c->rx_head)
+				c->rx_tail = NULL;
+			free(k);
+		}
+	}
+	c->rx_bytes -= (uint32_t)done;
+	conn_consumed(c, (uint32_t)done);
+}
+
 ssize_t vsock_conn_splice_to_fd(struct vsock_conn *c, int fd)
 {
 	struct iovec iov[64];

@@ -80,6 +80,12 @@ size_t vsock_conn_readable(const struct vsock_conn *c);
 /* Returns bytes read, 0 at EOF, -EAGAIN when nothing is buffered yet,
  * -ECONNRESET after a reset.  Reading sends credit updates as needed. */
 ssize_t vsock_conn_read(struct vsock_conn *c, void *buf, size_t len);
+/* Zero-copy reading: describe up to len buffered bytes in at most max iovecs
+ * (returns how many, 0 when nothing is buffered, -ECONNRESET after a reset),
+ * then drop the first n bytes once they were used.  The iovecs stay valid
+ * until the next call on c. */
+int vsock_conn_peek(const struct vsock_conn *c, struct iovec *iov, int max, size_t len);
+void vsock_conn_consume(struct vsock_conn *c, size_t n);
 /* Reads straight from an fd into the guest (no intermediate copy) up to the
  * available credit: returns bytes moved, 0 on fd EOF, -EAGAIN, -errno. */
 ssize_t vsock_conn_splice_from_fd(struct vsock_conn *c, int fd);
