@@ -1,0 +1,239 @@
+#!/usr/bin/env python3
+"""Load and soak: 4 VMs, random connect / transfer / close across every host path capsafs
+offers (vsock nodes, per-port sockets, the hybrid socket, guest-initiated connections),
+every byte checksummed, the daemon's open fds and RSS sampled at start and end.
+
+    bench/soak.py [--seconds 600] [--vms 4] [--workers 8] [--builddir .] [--guest DIR]
+
+Prints bytes moved, connections made, errors (must be 0), and fd / RSS drift, and exits
+non-zero on any error or lost byte.  Never opens AF_VSOCK on the host: the guests do.
+"""
+
+import argparse
+import errno
+import hashlib
+import os
+import random
+import socket
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+import util  # noqa: E402
+
+ECHO_PORT = 3000      # guest: socat VSOCK-LISTEN:3000,fork EXEC:cat (an echo per connection)
+SINK_PORT = 1024      # host listen port: the guest dials it and sends a file of known content
+
+
+def daemon_stats(pid):
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    with open(f"/proc/{pid}/status") as f:
+        rss = next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+    return fds, rss
+
+
+class Stats:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.bytes = 0
+        self.conns = 0
+        self.errors = []
+        self.by_path = {}
+
+    def ok(self, path, n):
+        with self.lock:
+            self.bytes += n
+            self.conns += 1
+            self.by_path[path] = self.by_path.get(path, 0) + 1
+
+    def fail(self, what):
+        with self.lock:
+            self.errors.append(what)
+
+
+def echo_roundtrip_fd(fd, payload):
+    """Write payload in pieces and read the echo back; return what came back."""
+    got = bytearray()
+    view = memoryview(payload)
+    while view:
+        n = util.call_with_timeout(os.write, fd, view[:65536], timeout=60, what="write node")
+        view = view[n:]
+        while len(got) < len(payload) - len(view):
+            got += util.call_with_timeout(os.read, fd, 1 << 16, timeout=60, what="read node")
+    while len(got) < len(payload):
+        chunk = util.call_with_timeout(os.read, fd, 1 << 16, timeout=60, what="read node")
+        if not chunk:
+            break
+        got += chunk
+    return bytes(got)
+
+
+def echo_roundtrip_sock(s, payload):
+    s.settimeout(60)
+    got = bytearray()
+    for i in range(0, len(payload), 65536):
+        s.sendall(payload[i:i + 65536])
+        while len(got) < min(len(payload), i + 65536):
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                return bytes(got)
+            got += chunk
+    return bytes(got)
+
+
+def one_op(vm, sockdir, rnd, stats):
+    size = rnd.choice([1, 100, 4096, 65536, 300000, 1 << 20])
+    payload = rnd.randbytes(size)
+    path = rnd.choice(["node", "port-socket", "hybrid"])
+    try:
+        if path == "node":
+            fd = util.fs(os.open, vm.path("vsock", str(ECHO_PORT)), os.O_RDWR)
+            try:
+                got = echo_roundtrip_fd(fd, payload)
+            finally:
+                os.close(fd)
+        elif path == "port-socket":
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(60)
+                s.connect(os.path.join(sockdir, f"{ECHO_PORT}.sock"))
+                got = echo_roundtrip_sock(s, payload)
+        else:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(60)
+                s.connect(os.path.join(sockdir, "vsock.sock"))
+                s.sendall(f"CONNECT {ECHO_PORT}\n".encode())
+                line = b""
+                while not line.endswith(b"\n"):
+                    c = s.recv(1)
+                    if not c:
+                        raise OSError(errno.ECONNRESET, "hybrid: closed before OK")
+                    line += c
+                if not line.startswith(b"OK "):
+                    raise OSError(errno.EPROTO, f"hybrid answered {line!r}")
+                got = echo_roundtrip_sock(s, payload)
+        if hashlib.sha256(got).digest() != hashlib.sha256(payload).digest():
+            stats.fail(f"{vm.name} {path}: {size} bytes sent, {len(got)} back, checksum differs")
+        else:
+            stats.ok(path, 2 * size)
+    except (OSError, util.Timeout) as e:
+        stats.fail(f"{vm.name} {path} {size} bytes: {e}")
+
+
+def guest_to_host_op(vm, con_lock, con, rnd, stats):
+    """The guest dials the host's listen port and sends a file whose checksum it printed."""
+    size = rnd.choice([1000, 100000, 1 << 20])
+    # one at a time per VM: the listen port pairs an open with the NEXT guest connection
+    with con_lock:
+        guest_to_host_locked(vm, con, size, stats)
+
+
+def guest_to_host_locked(vm, con, size, stats):
+    try:
+        con.check(f"head -c {size} /dev/urandom >/tmp/soak-out")
+        want = con.check("sha256sum /tmp/soak-out").split()[0]
+        con.check(f"( socat -u FILE:/tmp/soak-out VSOCK-CONNECT:2:{SINK_PORT} "
+                  ">/dev/null 2>&1 </dev/null & )")
+        fd = util.fs(os.open, vm.path("vsock", str(SINK_PORT)), os.O_RDONLY)
+        try:
+            h, n = hashlib.sha256(), 0
+            while True:
+                chunk = util.call_with_timeout(os.read, fd, 1 << 16, timeout=60, what="read")
+                if not chunk:
+                    break
+                h.update(chunk)
+                n += len(chunk)
+        finally:
+            os.close(fd)
+        if h.hexdigest() != want or n != size:
+            stats.fail(f"{vm.name} guest->host: {n}/{size} bytes, checksum differs")
+        else:
+            stats.ok("guest-initiated", size)
+    except (OSError, util.Timeout, AssertionError) as e:
+        stats.fail(f"{vm.name} guest->host {size} bytes: {e}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=600)
+    ap.add_argument("--vms", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--builddir", default=os.path.join(HERE, ".."))
+    ap.add_argument("--guest", default=None)
+    a = ap.parse_args()
+    build = os.path.abspath(a.builddir)
+    guest = os.path.abspath(a.guest or os.path.join(build, "guest"))
+
+    work = tempfile.mkdtemp(prefix="capsafs-soak-")
+    sockroot = tempfile.mkdtemp(prefix="soak-", dir="/tmp")
+    d = util.Daemon(os.path.join(build, "src", "capsafs"), tempfile.mkdtemp(dir=work), work,
+                    [f"sockdir={sockroot}", f"kernel={guest}/vmlinuz",
+                     f"initrd={guest}/initrd.img"])
+    d.start()
+    stats = Stats()
+    vms, cons = [], []
+    try:
+        for i in range(a.vms):
+            vm = util.VM(d.mnt, f"soak{i}")
+            util.fs(os.mkdir, vm.dir)
+            assert vm.write("vsock/ctl", f"connect {ECHO_PORT}") == 0
+            assert vm.write("vsock/ctl", f"listen {SINK_PORT}") == 0
+            vms.append(vm)
+        for vm in vms:
+            cons.append(vm.boot())
+        for con in cons:
+            con.check(f"( socat VSOCK-LISTEN:{ECHO_PORT},fork,backlog=256 EXEC:cat "
+                      ">/dev/null 2>&1 </dev/null & )")
+        time.sleep(1)
+        fds0, rss0 = daemon_stats(d.pid)
+        print(f"soak: {a.vms} VMs up; daemon fds {fds0}, RSS {rss0} kB; "
+              f"running {a.seconds:.0f} s with {a.workers} workers", flush=True)
+        deadline = time.monotonic() + a.seconds
+        con_locks = [threading.Lock() for _ in vms]
+
+        def worker(k):
+            rnd = random.Random(a.seed * 1000 + k)
+            while time.monotonic() < deadline:
+                i = rnd.randrange(len(vms))
+                if rnd.random() < 0.15:
+                    guest_to_host_op(vms[i], con_locks[i], cons[i], rnd, stats)
+                else:
+                    one_op(vms[i], os.path.join(sockroot, vms[i].name), rnd, stats)
+
+        threads = [threading.Thread(target=worker, args=(k,), daemon=True)
+                   for k in range(a.workers)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(a.seconds + 300)
+        elapsed = time.monotonic() - t0
+        time.sleep(1)  # let closes settle before sampling
+        fds1, rss1 = daemon_stats(d.pid)
+        states = {vm.name: vm.state() for vm in vms}
+    finally:
+        for con in cons:
+            con.close()
+        d.cleanup()
+
+    print(f"soak: {elapsed:.0f} s, {stats.bytes / 1e6:.1f} MB moved (checksummed), "
+          f"{stats.conns} connections " +
+          "(" + ", ".join(f"{k} {v}" for k, v in sorted(stats.by_path.items())) + ")")
+    print(f"soak: errors {len(stats.errors)}")
+    for e in stats.errors[:20]:
+        print("  " + e)
+    print(f"soak: daemon fds {fds0} -> {fds1} (drift {fds1 - fds0}), "
+          f"RSS {rss0} -> {rss1} kB (drift {rss1 - rss0} kB)")
+    bad = [n for n, s in states.items() if s != "running"]
+    if bad:
+        print(f"soak: VMs not running at the end: {bad}")
+    ok = not stats.errors and not bad and fds1 - fds0 <= 2 and stats.conns > 0
+    print(f"soak: {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
