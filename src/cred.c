@@ -76,6 +76,34 @@ static int check_by_mode(const struct cred *c, const char *path)
 	return 0;
 }
 
+int cred_enter(const struct cred *c, struct cred_saved *s)
+{
+	s->switched = false;
+	if (c->uid == geteuid())
+		return 0;
+	if (geteuid() != 0)
+		return -EACCES;
+	s->ngroups = getgroups(CRED_MAX_GROUPS, s->groups);
+	if (s->ngroups < 0)
+		s->ngroups = 0;
+	if (syscall(SYS_setgroups, (size_t)c->ngroups, c->groups) < 0)
+		return -errno;
+	setfsgid(c->gid);
+	setfsuid(c->uid);
+	s->switched = true;
+	return 0;
+}
+
+void cred_leave(struct cred_saved *s)
+{
+	if (!s->switched)
+		return;
+	setfsuid(0);
+	setfsgid(0);
+	syscall(SYS_setgroups, (size_t)s->ngroups, s->groups);
+	s->switched = false;
+}
+
 /* Kernels and initramfs images are regular files: a FIFO, a device or a
  * directory named as one would hang or confuse QEMU. */
 static int check_regular(int fd)

@@ -20,6 +20,17 @@ void cred_from_req(struct fuse_req *req, struct cred *c);
 void cred_self(struct cred *c);
 bool cred_in_group(const struct cred *c, gid_t gid);
 
+/* Act as c for the filesystem calls of this thread until cred_leave: the
+ * per-thread fsuid/fsgid/groups of a root daemon.  Returns 0, or -EACCES
+ * when the daemon cannot take c's identity (not root, and c is someone else). */
+struct cred_saved {
+	bool switched;
+	int ngroups;
+	gid_t groups[CRED_MAX_GROUPS];
+};
+int cred_enter(const struct cred *c, struct cred_saved *s);
+void cred_leave(struct cred_saved *s);
+
 /* open(path, O_RDONLY|O_CLOEXEC|O_NONBLOCK) as the user c: returns an fd or -errno. */
 int cred_open_read(const struct cred *c, const char *path);
 

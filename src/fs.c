@@ -810,7 +810,7 @@ static void fs_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 		goto out;
 	}
 	if (n->kind == NODE_VSOCK_CTL) {
-		vmvsock_ctl_write(n->vm, req, buf, size);
+		vmvsock_ctl_write(n->vm, req, buf, size, &c);
 		goto done;
 	}
 	if (n->kind != NODE_ATTR) {

@@ -30,7 +30,8 @@ bool vmvsock_port_name(const char *name, uint32_t *port);
 /* Declared ports in ascending order; returns how many (at most max). */
 size_t vmvsock_port_list(struct vm *vm, uint32_t *ports, size_t max);
 size_t vmvsock_ports_show(struct vm *vm, char *buf, size_t len);
-void vmvsock_ctl_write(struct vm *vm, fuse_req_t req, const char *buf, size_t size);
+void vmvsock_ctl_write(struct vm *vm, fuse_req_t req, const char *buf, size_t size,
+		       const struct cred *who);
 
 /* Stream nodes: each call answers req (now or later).  fi->fh is owned by
  * vmvsock for NODE_VSOCK_PORT files. */

@@ -492,8 +492,19 @@ int vexport_port_open(struct vport *p)
 {
 	struct vm *vm = p->vm;
 
+	struct cred_saved saved;
+	int r;
+
 	vport_sockpath(vm, p, p->sockpath, sizeof(p->sockpath));
+	if (p->path) { /* the declarer's path: their permissions, not ours */
+		r = cred_enter(&p->cred, &saved);
+		if (r < 0)
+			return vm_fail(vm, -r, "vsock: cannot act as the user who declared %s",
+				       p->sockpath);
+	}
 	p->listen_fd = unix_listen_at(vm, p->sockpath);
+	if (p->path)
+		cred_leave(&saved);
 	if (p->listen_fd < 0)
 		return p->listen_fd;
 	p->listen_w = loop_watch_add(cfs.loop, p->listen_fd, EPOLLIN, port_accept_ready, p);
@@ -517,9 +528,17 @@ void vexport_port_close(struct vport *p)
 		p->listen_w = NULL;
 	}
 	if (p->listen_fd >= 0) {
+		struct cred_saved saved;
+		bool as_user = p->path && cred_enter(&p->cred, &saved) == 0;
+
 		close(p->listen_fd);
 		p->listen_fd = -1;
-		unlink(p->sockpath);
+		/* as the declarer: a directory of theirs swapped for a symlink must
+		 * not make us remove someone else's file */
+		if (!p->path || as_user)
+			unlink(p->sockpath);
+		if (as_user)
+			cred_leave(&saved);
 	}
 }
 

@@ -9,6 +9,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cred.h"
 #include "pending.h"
 
 struct vm;
@@ -32,6 +33,7 @@ struct vport {
 	uint32_t port;
 	enum vport_mode mode;
 	char *path; /* exported socket; NULL = SOCKDIR/<vm>/<port>.sock */
+	struct cred cred; /* who declared it: a PATH is bound and removed as them */
 	unsigned conns;
 	struct vport *next; /* ascending by port */
 

@@ -303,7 +303,37 @@ static int port_arg(struct vm *vm, const char *s, uint32_t *port)
 	return 0;
 }
 
-static int vsock_declare(struct vm *vm, int argc, char **argv, enum vport_mode mode)
+/* A declared PATH is created, replaced and removed with the declarer's
+ * credentials, never the daemon's: otherwise a user could make a root daemon
+ * unlink and take over any socket on the host.  Checked now, and again by
+ * the bind itself at every start. */
+static int vsock_path_allowed(struct vm *vm, const char *path, const struct cred *who)
+{
+	__do_free char *dir = strdup(path);
+	struct cred_saved saved;
+	char *slash;
+	int r;
+
+	if (!dir)
+		return -ENOMEM;
+	slash = strrchr(dir, '/');
+	if (slash == dir)
+		slash[1] = '\0';
+	else
+		*slash = '\0';
+	r = cred_enter(who, &saved);
+	if (r < 0)
+		return vm_fail(vm, -r, "vsock: only the mounting user may name socket paths "
+				       "when capsafs does not run as root");
+	r = faccessat(AT_FDCWD, dir, W_OK | X_OK, AT_EACCESS) < 0 ? -errno : 0;
+	cred_leave(&saved);
+	if (r < 0)
+		return vm_fail(vm, -r, "vsock: cannot create a socket in %s: %s", dir, strerror(-r));
+	return 0;
+}
+
+static int vsock_declare(struct vm *vm, int argc, char **argv, enum vport_mode mode,
+			 const struct cred *who)
 {
 	struct vmvsock *vs = vm->vsock;
 	struct vport *p, **pp;
@@ -316,6 +346,8 @@ static int vsock_declare(struct vm *vm, int argc, char **argv, enum vport_mode m
 		return vm_fail(vm, EEXIST, "vsock: port %" PRIu32 " is already declared", port);
 	if (argc > 1 && argv[1][0] != '/')
 		return vm_fail(vm, EINVAL, "vsock: socket path '%s' is not absolute", argv[1]);
+	if (argc > 1 && (r = vsock_path_allowed(vm, argv[1], who)) < 0)
+		return r;
 	p = calloc(1, sizeof(*p));
 	if (!p || (argc > 1 && !(p->path = strdup(argv[1])))) {
 		free(p);
@@ -324,6 +356,7 @@ static int vsock_declare(struct vm *vm, int argc, char **argv, enum vport_mode m
 	p->vm = vm;
 	p->port = port;
 	p->mode = mode;
+	p->cred = *who;
 	vport_runtime_init(p);
 	if (vs->dev) { /* running: the socket appears now */
 		r = vexport_port_open(p);
@@ -342,12 +375,12 @@ static int vsock_declare(struct vm *vm, int argc, char **argv, enum vport_mode m
 
 static int cmd_listen(void *obj, int argc, char **argv, void *ctx)
 {
-	return vsock_declare(obj, argc, argv, VPORT_LISTEN);
+	return vsock_declare(obj, argc, argv, VPORT_LISTEN, ctx);
 }
 
 static int cmd_connect(void *obj, int argc, char **argv, void *ctx)
 {
-	return vsock_declare(obj, argc, argv, VPORT_CONNECT);
+	return vsock_declare(obj, argc, argv, VPORT_CONNECT, ctx);
 }
 
 static int cmd_close(void *obj, int argc, char **argv, void *ctx)
@@ -377,11 +410,12 @@ static const struct ctl_cmd vsock_ctl_cmds[] = {
 	{ "close", 1, 1, cmd_close },
 };
 
-void vmvsock_ctl_write(struct vm *vm, fuse_req_t req, const char *buf, size_t size)
+void vmvsock_ctl_write(struct vm *vm, fuse_req_t req, const char *buf, size_t size,
+		       const struct cred *who)
 {
 	char err[256] = "";
-	int r = ctl_run(vsock_ctl_cmds, ARRAY_SIZE(vsock_ctl_cmds), buf, size, vm, NULL, err,
-			sizeof(err));
+	int r = ctl_run(vsock_ctl_cmds, ARRAY_SIZE(vsock_ctl_cmds), buf, size, vm, (void *)who,
+			err, sizeof(err));
 
 	if (r < 0) {
 		if (err[0])
