@@ -159,12 +159,14 @@ static void qmp_on_ready(void *arg)
 	vm_qemu_ready(p->vm);
 }
 
-static void qmp_on_event(void *arg, const char *name)
+static void qmp_on_event(void *arg, const char *name, const char *line)
 {
 	struct qemu_proc *p = arg;
+	char reason[64];
 
+	/* {"event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-reset"}} */
 	if (strcmp(name, "SHUTDOWN") == 0)
-		vm_guest_shutdown(p->vm);
+		vm_guest_shutdown(p->vm, qmp_string_field(line, "reason", reason, sizeof(reason)));
 }
 
 static const struct qmp_ops qemu_qmp_ops = {

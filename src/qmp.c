@@ -21,12 +21,21 @@ struct qmp {
 
 const char *qmp_event_name(const char *line, char *name, size_t len)
 {
-	const char *p = strstr(line, "\"event\"");
+	return qmp_string_field(line, "event", name, len);
+}
+
+const char *qmp_string_field(const char *line, const char *key, char *name, size_t len)
+{
+	char quoted[64];
+	const char *p;
 	size_t n = 0;
 
-	if (!p || len == 0)
+	if (len == 0 || (size_t)snprintf(quoted, sizeof(quoted), "\"%s\"", key) >= sizeof(quoted))
 		return NULL;
-	p += strlen("\"event\"");
+	p = strstr(line, quoted);
+	if (!p)
+		return NULL;
+	p += strlen(quoted);
 	while (*p == ' ' || *p == ':')
 		p++;
 	if (*p++ != '"')
@@ -77,7 +86,7 @@ static void qmp_line(struct qmp *q, char *line)
 		break;
 	}
 	if (qmp_event_name(line, name, sizeof(name)) && q->ops->event)
-		q->ops->event(q->arg, name);
+		q->ops->event(q->arg, name, line);
 	else if (strstr(line, "\"error\""))
 		log_info("qmp: %s", line);
 }

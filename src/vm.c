@@ -291,9 +291,17 @@ void vm_qemu_ready(struct vm *vm)
 	reply_all_written(&vm->restart_waiters);
 }
 
-void vm_guest_shutdown(struct vm *vm)
+void vm_guest_shutdown(struct vm *vm, const char *reason)
 {
-	log_info("%s: guest shut down", vm->name);
+	log_info("%s: guest shut down (%s)", vm->name, reason ? reason : "no reason given");
+	/* QEMU runs with -no-reboot, so a reset ends it like a power-off: say
+	 * so, since a guest that resets unasked (a triple fault, a kernel that
+	 * does not fit in memory) would otherwise just look stopped */
+	if (reason && strcmp(reason, "guest-reset") == 0 && vm->stopping == STOP_NONE)
+		vm_fail(vm, 0, "the guest reset itself (a reboot, a triple fault or a kernel "
+			       "that could not start); QEMU runs with -no-reboot, so the VM stopped");
+	else if (reason && strcmp(reason, "guest-panic") == 0)
+		vm_fail(vm, 0, "the guest kernel panicked");
 }
 
 static void vm_kill_timer(void *arg);

@@ -87,7 +87,8 @@ void vm_shutdown_all(void);
 void vm_console_output(struct vm *vm, const char *data, size_t len);
 void vm_qemu_ready(struct vm *vm);
 void vm_qemu_exited(struct vm *vm, int status, const char *stderr_tail);
-void vm_guest_shutdown(struct vm *vm);
+/* QMP's SHUTDOWN event with its reason ("guest-shutdown", "guest-reset", ...). */
+void vm_guest_shutdown(struct vm *vm, const char *reason);
 
 uint32_t vm_cid_alloc(void);
 bool vm_cid_taken(uint32_t cid, const struct vm *except);

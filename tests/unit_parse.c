@@ -6,6 +6,7 @@
 
 #include "console.h"
 #include "ctl.h"
+#include "qmp.h"
 #include "util.h"
 
 static int failures, checks;
@@ -128,8 +129,25 @@ static void test_console(void)
 	console_fini(&c);
 }
 
+static void test_qmp_fields(void)
+{
+	char v[64];
+
+	CHECK(qmp_event_name("{\"timestamp\": {\"seconds\": 1}, \"event\": \"SHUTDOWN\", "
+			     "\"data\": {\"guest\": true, \"reason\": \"guest-reset\"}}",
+			     v, sizeof(v)) && strcmp(v, "SHUTDOWN") == 0);
+	CHECK(qmp_string_field("{\"event\": \"SHUTDOWN\", \"data\": {\"reason\": \"guest-shutdown\"}}",
+			       "reason", v, sizeof(v)) && strcmp(v, "guest-shutdown") == 0);
+	CHECK(qmp_string_field("{\"return\": {}}", "event", v, sizeof(v)) == NULL);
+	CHECK(qmp_string_field("{\"event\": 42}", "event", v, sizeof(v)) == NULL);
+	CHECK(qmp_string_field("{\"event\": \"unterminated", "event", v, sizeof(v)) == NULL);
+	/* a value longer than the buffer is not cut short silently */
+	CHECK(qmp_string_field("{\"event\": \"ABCDEFGHIJ\"}", "event", v, 4) == NULL);
+}
+
 int main(void)
 {
+	test_qmp_fields();
 	test_parse_u64();
 	test_dup_value();
 	test_ctl();
