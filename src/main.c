@@ -160,9 +160,9 @@ int main(int argc, char *argv[])
 	int ret = 1;
 
 	if (fuse_opt_parse(&args, &o, option_spec, NULL) < 0)
-		return 1;
+		goto out_args;
 	if (fuse_parse_cmdline(&args, &opts) != 0)
-		return 1;
+		goto out_args; /* libfuse said why (a bad mount point, ...) */
 	if (opts.show_help) {
 		usage(argv[0]);
 		fuse_cmdline_help();
@@ -244,10 +244,20 @@ out_session:
 		rmdir(cfs.sockdir); /* only if empty: a user's files stay */
 out_args:
 	/* fuse_opt_parse strdup'ed every string option; qemu, kernel and
-	 * initrd live on in cfs */
+	 * initrd moved to cfs if the options were good */
 	free(o.sockdir);
 	free(o.accel);
 	free(o.vsock);
+	if (cfs.qemu) {
+		free(cfs.qemu);
+		free(cfs.kernel);
+		free(cfs.initrd);
+	} else {
+		free(o.qemu);
+		free(o.kernel);
+		free(o.initrd);
+	}
+	free(cfs.sockdir);
 	free(opts.mountpoint);
 	fuse_opt_free_args(&args);
 	return ret;
