@@ -235,7 +235,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			break;
 		case 2: /* vsock/ctl */
 			replies = 0;
-			vmvsock_ctl_write(vm, (fuse_req_t)&who, buf, n);
+			vmvsock_ctl_write(vm, (fuse_req_t)&who, buf, n, &who);
 			if (replies != 1 || (reply_err == 0 && reply_size != n))
 				abort();
 			check_error_line(vm);
