@@ -4,7 +4,8 @@
 Starts tests/vsock_echo_host on a vhost-user socket, boots QEMU (TCG) with
 vhost-user-vsock-pci against it, and drives the guest's serial console:
 guest->host echo and bulk transfers, host->guest connects, checksums, then a
-QEMU restart on the same device (reconnect).  Never opens AF_VSOCK on the host.
+QEMU restart on the same device (reconnect).  Only the guest uses vsock sockets;
+this side speaks vhost-user and Unix sockets.
 
 usage: bench/vsock_qemu_check.py [BUILDDIR] [GUESTDIR]
 """

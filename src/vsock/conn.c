@@ -788,28 +788,20 @@ static bool conn_eof(const struct vsock_conn *c)
 
 ssize_t vsock_conn_read(struct vsock_conn *c, void *buf, size_t len)
 {
+	const struct rx_chunk *k;
 	size_t done = 0;
 
 	if (c->state == CONN_DEAD)
 		return -ECONNRESET;
 	if (c->rx_bytes == 0)
 		return conn_eof(c) ? 0 : -EAGAIN;
-	while (done < len && c->rx_head) {
-		struct rx_chunk *k = c->rx_head;
+	for (k = c->rx_head; k && done < len; k = k->next) {
 		size_t n = MIN(len - done, (size_t)(k->len - k->off));
 
 		memcpy((uint8_t *)buf + done, k->data + k->off, n);
-		k->off += (uint32_t)n;
 		done += n;
-		if (k->off == k->len) {
-			c->rx_head = k->next;
-			if (!c->rx_head)
-				c->rx_tail = NULL;
-			free(k);
-		}
 	}
-	c->rx_bytes -= (uint32_t)done;
-	conn_consumed(c, (uint32_t)done);
+	vsock_conn_consume(c, done);
 	return (ssize_t)done;
 }
 
