@@ -3,6 +3,7 @@
 
 #include <fuse_lowlevel.h>
 #include <limits.h>
+#include <malloc.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <string.h>
@@ -21,6 +22,17 @@
 #include "vmvsock.h"
 
 struct capsafs cfs;
+
+#define TRIM_INTERVAL_MS 10000
+
+/* Connection buffers come and go in bursts, across the FUSE threads' malloc
+ * arenas; glibc keeps what was freed.  Hand it back every few seconds so the
+ * daemon's RSS follows what it holds, not its high-water mark. */
+static void trim_tick(void *arg)
+{
+	malloc_trim(0);
+	loop_timer_add(cfs.loop, TRIM_INTERVAL_MS, trim_tick, arg);
+}
 
 struct options {
 	char *sockdir, *qemu, *accel, *vsock, *kernel, *initrd;
@@ -218,6 +230,9 @@ int main(int argc, char *argv[])
 		goto out_unmount;
 	}
 	pending_init(cfs.loop);
+	big_lock();
+	loop_timer_add(cfs.loop, TRIM_INTERVAL_MS, trim_tick, NULL);
+	big_unlock();
 	log_info("mounted on %s, sockets in %s, accel %s", mnt, cfs.sockdir, cfs.accel_name);
 
 	if (opts.singlethread) {
