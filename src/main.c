@@ -122,6 +122,21 @@ static int setup_sockdir(const char *mountpoint, const char *given)
 	return cfs.sockdir ? 0 : -1;
 }
 
+/* Is a capsafs file system still mounted at mnt (in our mount namespace)? */
+static bool still_mounted(const char *mnt)
+{
+	__do_fclose FILE *f = fopen("/proc/self/mountinfo", "re");
+	char line[8192], point[PATH_MAX];
+
+	while (f && fgets(line, sizeof(line), f)) {
+		/* id parent major:minor root mountpoint ... - fstype ... */
+		if (sscanf(line, "%*s %*s %*s %*s %4095s", point) == 1 && strcmp(point, mnt) == 0 &&
+		    strstr(line, " - fuse.capsafs "))
+			return true;
+	}
+	return false;
+}
+
 static int parse_options(struct options *o)
 {
 	if (!o->accel || strcmp(o->accel, "auto") == 0)
@@ -243,6 +258,13 @@ int main(int argc, char *argv[])
 		fuse_loop_cfg_set_max_threads(lc, opts.max_threads);
 		ret = fuse_session_loop_mt(se, lc);
 		fuse_loop_cfg_destroy(lc);
+	}
+	/* After an unmount (a lazy one with files still open included) the
+	 * loop's last read may report an error from the torn-down channel:
+	 * the file system ended as asked, which is a clean exit. */
+	if (ret < 0 && !still_mounted(mnt)) {
+		log_info("session ended after unmount (%s)", strerror(-ret));
+		ret = 0;
 	}
 	ret = ret < 0 ? 1 : 0;
 	vm_shutdown_all();
