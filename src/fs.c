@@ -12,6 +12,7 @@
 #include "attr.h"
 #include "capsafs.h"
 #include "cred.h"
+#include "fh.h"
 #include "fs.h"
 #include "log.h"
 #include "loop.h"
@@ -23,6 +24,7 @@
 
 /* An open attribute, ctl, console or log file (fi->fh). */
 struct handle {
+	struct fh fh; /* first: fi->fh points here */
 	struct node *n;
 	int flags;
 	char *snap; /* what a read shows, made at the first read from offset 0 */
@@ -42,6 +44,7 @@ struct dirent_snap {
 };
 
 struct dir_handle {
+	struct fh fh;
 	struct dirent_snap *ents;
 	size_t n;
 };
@@ -509,6 +512,16 @@ static int dir_snapshot(struct node *n, struct dir_handle *d)
 	return r ? -ENOMEM : 0;
 }
 
+static void dir_release(struct fh *f)
+{
+	struct dir_handle *d = container_of(f, struct dir_handle, fh);
+
+	free(d->ents);
+	free(d);
+}
+
+static const struct fh_ops dir_ops = { .release = dir_release };
+
 static void fs_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
 	struct dir_handle *d = calloc(1, sizeof(*d));
@@ -534,6 +547,9 @@ static void fs_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 		fuse_reply_err(req, saverr);
 		return;
 	}
+	big_lock();
+	fh_track(&d->fh, &dir_ops);
+	big_unlock();
 	fi->fh = (uint64_t)(uintptr_t)d;
 	fuse_reply_open(req, fi);
 }
@@ -541,7 +557,7 @@ static void fs_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 static void fs_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		       struct fuse_file_info *fi)
 {
-	struct dir_handle *d = (struct dir_handle *)(uintptr_t)fi->fh;
+	struct dir_handle *d = container_of(fh_of(fi), struct dir_handle, fh);
 	__do_free char *buf = malloc(size);
 	size_t used = 0;
 	off_t i;
@@ -563,10 +579,9 @@ static void fs_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 
 static void fs_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-	struct dir_handle *d = (struct dir_handle *)(uintptr_t)fi->fh;
-
-	free(d->ents);
-	free(d);
+	big_lock();
+	fh_release(fh_of(fi));
+	big_unlock();
 	fuse_reply_err(req, 0);
 }
 
@@ -630,6 +645,8 @@ void fs_console_wakeup(struct vm *vm)
 	fs_notify_pollers(vm);
 }
 
+static const struct fh_ops file_ops;
+
 static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
 	struct handle *h;
@@ -690,6 +707,7 @@ static void fs_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 			break;
 		}
 	}
+	fh_track(&h->fh, &file_ops);
 	fi->fh = (uint64_t)(uintptr_t)h;
 	if (n->kind == NODE_VSOCK_CTL ||
 	    (n->kind == NODE_ATTR && (attr_table[n->attr].kind == ATTR_CTL ||
@@ -735,36 +753,27 @@ static int handle_snapshot(struct handle *h)
 	return 0;
 }
 
-static void fs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
-		    struct fuse_file_info *fi)
+static void file_read(struct fh *f, fuse_req_t req, size_t size, off_t off,
+		      struct fuse_file_info *fi)
 {
-	struct handle *h = (struct handle *)(uintptr_t)fi->fh;
-	struct node *n;
+	struct handle *h = container_of(f, struct handle, fh);
+	struct node *n = h->n;
 	int saverr = 0, r;
 
-	big_lock();
-	n = node_by_ino(ino);
-	if (n && n->kind == NODE_VSOCK_PORT) {
-		vmvsock_read(n->vm, req, size, fi);
-		big_unlock();
-		return;
-	}
-	n = h->n;
 	if (n->dead) {
 		saverr = ENODEV;
 		goto out;
 	}
 	if (n->kind == NODE_ATTR && attr_table[n->attr].kind == ATTR_CONSOLE) {
 		if (console_reply(n->vm, h, req, size) > 0)
-			goto done;
+			return;
 		if (fi->flags & O_NONBLOCK) {
 			saverr = EAGAIN;
 			goto out;
 		}
-		if (!pending_park(req, &n->vm->console_readers, 0, size, h))
-			saverr = ENOMEM;
-		else
-			goto done;
+		if (pending_park(req, &n->vm->console_readers, 0, size, h))
+			return;
+		saverr = ENOMEM;
 		goto out;
 	}
 	if (off == 0 || !h->snap) {
@@ -778,40 +787,29 @@ static void fs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 		fuse_reply_buf(req, NULL, 0);
 	else
 		fuse_reply_buf(req, h->snap + off, MIN(size, h->snap_len - (size_t)off));
-done:
-	big_unlock();
 	return;
 out:
-	big_unlock();
 	fuse_reply_err(req, saverr);
 }
 
-static void fs_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
-		     struct fuse_file_info *fi)
+static void file_write(struct fh *f, fuse_req_t req, const char *buf, size_t size, off_t off,
+		       struct fuse_file_info *fi)
 {
-	struct handle *h = (struct handle *)(uintptr_t)fi->fh;
+	struct handle *h = container_of(f, struct handle, fh);
 	const struct attr_def *a;
-	struct node *n;
+	struct node *n = h->n;
 	struct cred c;
 	ssize_t w;
 	int saverr = 0, r;
 
 	cred_from_req(req, &c);
-	big_lock();
-	n = node_by_ino(ino);
-	if (n && n->kind == NODE_VSOCK_PORT) {
-		vmvsock_write(n->vm, req, buf, size, fi);
-		big_unlock();
-		return;
-	}
-	n = h->n;
 	if (n->dead) {
 		saverr = ENODEV;
 		goto out;
 	}
 	if (n->kind == NODE_VSOCK_CTL) {
 		vmvsock_ctl_write(n->vm, req, buf, size, &c);
-		goto done;
+		return;
 	}
 	if (n->kind != NODE_ATTR) {
 		saverr = EBADF;
@@ -821,7 +819,7 @@ static void fs_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 	switch (a->kind) {
 	case ATTR_CTL:
 		vm_ctl_write(n->vm, req, buf, size, &c);
-		goto done;
+		return;
 	case ATTR_CONSOLE:
 		if (!n->vm->proc) {
 			saverr = -vm_fail(n->vm, ENOTCONN, "console: %s is not running", n->vm->name);
@@ -833,7 +831,7 @@ static void fs_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 			goto out;
 		}
 		fuse_reply_write(req, (size_t)w);
-		goto done;
+		return;
 	case ATTR_VALUE:
 		if (!a->store) {
 			saverr = EACCES;
@@ -868,31 +866,19 @@ static void fs_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 	}
 	h->wlen += size;
 	fuse_reply_write(req, size);
-done:
-	big_unlock();
 	return;
 out:
-	big_unlock();
 	fuse_reply_err(req, saverr);
 }
 
-static void fs_poll(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi,
-		    struct fuse_pollhandle *ph)
+static void file_poll(struct fh *f, fuse_req_t req, struct fuse_file_info *fi,
+		      struct fuse_pollhandle *ph)
 {
-	struct handle *h = (struct handle *)(uintptr_t)fi->fh;
+	struct handle *h = container_of(f, struct handle, fh);
 	unsigned revents = 0;
-	struct node *n;
-	struct vm *vm;
+	struct node *n = h->n;
+	struct vm *vm = n->vm;
 
-	big_lock();
-	n = node_by_ino(ino);
-	if (n && n->kind == NODE_VSOCK_PORT) {
-		vmvsock_poll(n->vm, req, fi, ph);
-		big_unlock();
-		return;
-	}
-	n = h->n;
-	vm = n->vm;
 	if (n->dead) {
 		revents = POLLERR | POLLHUP;
 	} else if (n->kind == NODE_ATTR && attr_table[n->attr].kind == ATTR_STATE) {
@@ -922,25 +908,55 @@ static void fs_poll(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi,
 			fuse_pollhandle_destroy(ph);
 		}
 	}
-	big_unlock();
 	fuse_reply_poll(req, revents);
+}
+
+static void file_release(struct fh *f)
+{
+	struct handle *h = container_of(f, struct handle, fh);
+
+	poller_unlink(h);
+	free(h->snap);
+	free(h->wbuf);
+	free(h);
+}
+
+static const struct fh_ops file_ops = {
+	.read = file_read,
+	.write = file_write,
+	.poll = file_poll,
+	.release = file_release,
+};
+
+/* Regular files: each kind of handle does its own I/O (fh.h). */
+static void fs_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+		    struct fuse_file_info *fi)
+{
+	big_lock();
+	fh_of(fi)->ops->read(fh_of(fi), req, size, off, fi);
+	big_unlock();
+}
+
+static void fs_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
+		     struct fuse_file_info *fi)
+{
+	big_lock();
+	fh_of(fi)->ops->write(fh_of(fi), req, buf, size, off, fi);
+	big_unlock();
+}
+
+static void fs_poll(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi,
+		    struct fuse_pollhandle *ph)
+{
+	big_lock();
+	fh_of(fi)->ops->poll(fh_of(fi), req, fi, ph);
+	big_unlock();
 }
 
 static void fs_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-	struct handle *h = (struct handle *)(uintptr_t)fi->fh;
-	struct node *n;
-
 	big_lock();
-	n = node_by_ino(ino);
-	if (n && n->kind == NODE_VSOCK_PORT) {
-		vmvsock_release(n->vm, fi);
-	} else if (h) {
-		poller_unlink(h);
-		free(h->snap);
-		free(h->wbuf);
-		free(h);
-	}
+	fh_release(fh_of(fi));
 	big_unlock();
 	fuse_reply_err(req, 0);
 }

@@ -11,6 +11,7 @@
 #include <sys/sysinfo.h>
 
 #include "capsafs.h"
+#include "fh.h"
 #include "fs.h"
 #include "log.h"
 #include "loop.h"
@@ -269,6 +270,9 @@ int main(int argc, char *argv[])
 	ret = ret < 0 ? 1 : 0;
 	vm_shutdown_all();
 	loop_stop(cfs.loop);
+	big_lock();
+	fh_release_all(); /* files the kernel never released */
+	big_unlock();
 	for (struct vm *vm = cfs.vms; vm; vm = vm->next)
 		vmvsock_remove(vm); /* the VMs' socket directories go with the mount */
 out_unmount:

@@ -33,14 +33,8 @@ size_t vmvsock_ports_show(struct vm *vm, char *buf, size_t len);
 void vmvsock_ctl_write(struct vm *vm, fuse_req_t req, const char *buf, size_t size,
 		       const struct cred *who);
 
-/* Stream nodes: each call answers req (now or later).  fi->fh is owned by
- * vmvsock for NODE_VSOCK_PORT files. */
+/* Open a stream node: each open is one connection; answers req now or
+ * later, with fi->fh a struct fh (fh.h) that does the file's I/O. */
 void vmvsock_open(struct vm *vm, uint32_t port, fuse_req_t req, struct fuse_file_info *fi);
-void vmvsock_read(struct vm *vm, fuse_req_t req, size_t size, struct fuse_file_info *fi);
-void vmvsock_write(struct vm *vm, fuse_req_t req, const char *buf, size_t size,
-		   struct fuse_file_info *fi);
-void vmvsock_poll(struct vm *vm, fuse_req_t req, struct fuse_file_info *fi,
-		  struct fuse_pollhandle *ph);
-void vmvsock_release(struct vm *vm, struct fuse_file_info *fi);
 
 #endif

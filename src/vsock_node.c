@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/socket.h>
 
+#include "fh.h"
 #include "fs.h"
 #include "log.h"
 #include "util.h"
@@ -17,6 +18,7 @@
 #include "vsock_host.h"
 
 struct vstream {
+	struct fh fh; /* first: fi->fh points here */
 	struct vm *vm; /* holds a reference */
 	uint32_t port;
 	bool counted; /* in its declared port's CONNECTIONS */
@@ -38,6 +40,8 @@ struct vwrite {
 
 enum { PEND_OPEN = 1, PEND_READ, PEND_WRITE };
 
+static const struct fh_ops vstream_fh_ops;
+
 static void vstream_count(struct vstream *s, int delta)
 {
 	struct vport *p = vport_find(s->vm->vsock, s->port);
@@ -54,6 +58,7 @@ static void vstream_count(struct vstream *s, int delta)
 
 static void vstream_free(struct vstream *s)
 {
+	fh_untrack(&s->fh);
 	vstream_count(s, -1);
 	if (s->conn)
 		vsock_conn_close(s->conn);
@@ -74,6 +79,8 @@ static void vstream_notify(struct vstream *s)
 
 static void vstream_reply_open(struct vstream *s, fuse_req_t req)
 {
+	/* from here on the kernel owns s until it releases the file */
+	fh_track(&s->fh, &vstream_fh_ops);
 	s->fi.fh = (uint64_t)(uintptr_t)s;
 	vstream_count(s, +1);
 	fs_reply_open_stream(req, &s->fi);
@@ -306,9 +313,10 @@ void vmvsock_open(struct vm *vm, uint32_t port, fuse_req_t req, struct fuse_file
 	}
 }
 
-void vmvsock_read(struct vm *vm, fuse_req_t req, size_t size, struct fuse_file_info *fi)
+static void vstream_read(struct fh *f, fuse_req_t req, size_t size, off_t off,
+			 struct fuse_file_info *fi)
 {
-	struct vstream *s = (struct vstream *)(uintptr_t)fi->fh;
+	struct vstream *s = container_of(f, struct vstream, fh);
 	char probe;
 	ssize_t n;
 
@@ -335,10 +343,10 @@ void vmvsock_read(struct vm *vm, fuse_req_t req, size_t size, struct fuse_file_i
 	}
 }
 
-void vmvsock_write(struct vm *vm, fuse_req_t req, const char *buf, size_t size,
-		   struct fuse_file_info *fi)
+static void vstream_write(struct fh *f, fuse_req_t req, const char *buf, size_t size, off_t off,
+			  struct fuse_file_info *fi)
 {
-	struct vstream *s = (struct vstream *)(uintptr_t)fi->fh;
+	struct vstream *s = container_of(f, struct vstream, fh);
 	struct vwrite *w;
 	ssize_t n = 0;
 
@@ -390,10 +398,10 @@ void vmvsock_write(struct vm *vm, fuse_req_t req, const char *buf, size_t size,
 	}
 }
 
-void vmvsock_poll(struct vm *vm, fuse_req_t req, struct fuse_file_info *fi,
-		  struct fuse_pollhandle *ph)
+static void vstream_poll(struct fh *f, fuse_req_t req, struct fuse_file_info *fi,
+			 struct fuse_pollhandle *ph)
 {
-	struct vstream *s = (struct vstream *)(uintptr_t)fi->fh;
+	struct vstream *s = container_of(f, struct vstream, fh);
 	unsigned revents = 0;
 
 	if (!s->conn) {
@@ -414,10 +422,15 @@ void vmvsock_poll(struct vm *vm, fuse_req_t req, struct fuse_file_info *fi,
 	fuse_reply_poll(req, revents);
 }
 
-void vmvsock_release(struct vm *vm, struct fuse_file_info *fi)
+/* close(): queued data still goes out, then a clean shutdown */
+static void vstream_release(struct fh *f)
 {
-	struct vstream *s = (struct vstream *)(uintptr_t)fi->fh;
-
-	/* close(): queued data still goes out, then a clean shutdown */
-	vstream_free(s);
+	vstream_free(container_of(f, struct vstream, fh));
 }
+
+static const struct fh_ops vstream_fh_ops = {
+	.read = vstream_read,
+	.write = vstream_write,
+	.poll = vstream_poll,
+	.release = vstream_release,
+};

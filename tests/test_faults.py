@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -126,7 +127,22 @@ def test_unmount_with_busy_files_and_a_running_vm_does_not_hang(mount_factory, g
     # a blocked accept and an open console: the mount is busy
     blocked = subprocess.Popen(["cat", vm.path("vsock", "1200")], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
+    # and a process holding one file of each kind (directory, attribute, state with a
+    # poll, ctl); it dies all at once after the lazy unmount, so the kernel may tear the
+    # channel down before every release reaches the daemon, which must free the rest
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import os, select, sys, time\n"
+         "d = sys.argv[1]\n"
+         "fds = [os.open(d, os.O_RDONLY | os.O_DIRECTORY), os.open(d + '/memory', os.O_RDWR),\n"
+         "       os.open(d + '/state', os.O_RDONLY), os.open(d + '/ctl', os.O_WRONLY)]\n"
+         "os.read(fds[1], 64)\n"
+         "p = select.poll(); p.register(fds[2], select.POLLPRI); p.poll(0)\n"
+         "print('held', flush=True)\n"
+         "time.sleep(600)\n", vm.dir],
+        stdout=subprocess.PIPE, text=True)
     try:
+        assert holder.stdout.readline().strip() == "held"
         time.sleep(0.5)
         r = subprocess.run(["fusermount3", "-u", mnt.mnt], capture_output=True, text=True,
                            timeout=30)
@@ -137,6 +153,8 @@ def test_unmount_with_busy_files_and_a_running_vm_does_not_hang(mount_factory, g
                            timeout=30)
         assert r.returncode == 0, r.stderr
     finally:
+        holder.kill()
+        holder.wait(10)
         blocked.kill()
         blocked.wait(10)
         con.close()
