@@ -25,6 +25,9 @@ DEFAULT_MODULES = ["virtio_pci", "virtio_console", "virtio_net", "vmw_vsock_virt
                    "button", "evdev"]
 VSOCK_MODULES = ["vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport"]
 RUN_TIMEOUT = 120  # one capsafs-mkinitrd run
+# one step on a booted guest's console; a loaded 2-core TCG host (the sanitizer pass runs
+# next to other work) has taken over 60 s for one, so each wait is for the line itself
+STEP_TIMEOUT = 120
 
 
 # ---- fixtures ----------------------------------------------------------------------------
@@ -411,7 +414,7 @@ class Serial:
         self.proc.stdin.write(text.encode())
         self.proc.stdin.flush()
 
-    def run(self, command, timeout=30):
+    def run(self, command, timeout=STEP_TIMEOUT):
         """Run a shell command; its output between markers the typed line cannot match."""
         tag = uuid.uuid4().hex[:12]
         self.send(f'echo "@@B""{tag}"; {command}; echo "@@E""{tag}" $?\n')
@@ -440,11 +443,11 @@ def test_guest_boots_runs_capsafs_run_answers_and_powers_off(guest_dir, tree):
         con.expect(r"^capsafs-guest: ready$", util.BOOT_TIMEOUT)
         ready_after = time.monotonic() - start
         assert "capsafs-guest: insmod" not in con.data, "a module failed to load:\n" + con.data
-        con.expect(r"^hello-from-run$", 30)
-        con.expect(r"^100% decoded$", 30)
-        con.expect(r"^capsafs-guest: run exited with status 0$", 30)
-        con.expect(r"built-in shell", 60)
-        con.expect(r"# ", 30)
+        con.expect(r"^hello-from-run$", STEP_TIMEOUT)
+        con.expect(r"^100% decoded$", STEP_TIMEOUT)
+        con.expect(r"^capsafs-guest: run exited with status 0$", STEP_TIMEOUT)
+        con.expect(r"built-in shell", STEP_TIMEOUT)
+        con.expect(r"# ", STEP_TIMEOUT)
 
         status, out = con.run("echo shell-$((6 * 7))")
         assert (status, out) == (0, "shell-42\n")
@@ -458,7 +461,7 @@ def test_guest_boots_runs_capsafs_run_answers_and_powers_off(guest_dir, tree):
         assert status == 0 and "socat version" in out, out
 
         con.send("poweroff -f\n")
-        rc = proc.wait(60)
+        rc = proc.wait(STEP_TIMEOUT)
         assert rc == 0, f"QEMU exited {rc}; console:\n{con.data[-3000:]}"
         print(f"ready {ready_after:.1f} s after QEMU started")
     finally:
