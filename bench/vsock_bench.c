@@ -6,14 +6,20 @@
  * Host->guest and guest->host streams at 4 KiB and 64 KiB payloads, next to
  * plain memcpy bandwidth measured in the same run (the floor: the device
  * copies each byte once into or out of guest memory, the driver once more),
- * and a 64-byte round trip (guest -> host echo -> guest) p50/p99.  Prints a
- * table, then CSV. */
+ * and a 64-byte round trip (guest -> host echo -> guest) p50/p99, with the
+ * driver sleeping on its call eventfd and with it polling its used ring,
+ * next to an eventfd ping-pong between two threads: the cost of the two
+ * wake-ups every sleeping round trip pays on this machine.  Prints a table,
+ * then CSV. */
 #include "config.h"
 
 #include <errno.h>
 #include <malloc.h>
+#include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -91,9 +97,32 @@ static void bep_writable(struct vsock_conn *c, void *arg)
 	bep_pump(arg);
 }
 
+/* The sink takes data as it arrives, like a host socket reader that reads
+ * into its own buffer: one copy out of guest memory. */
+static size_t bep_deliver(struct vsock_conn *c, void *arg, const struct iovec *iov, int cnt,
+			  size_t len)
+{
+	static uint8_t buf[65536];
+	struct bep *e = arg;
+	size_t done = 0;
+
+	if (e->mode != 1)
+		return 0;
+	for (int i = 0; i < cnt; i++) {
+		size_t n = MIN(iov[i].iov_len, sizeof(buf));
+		memcpy(buf, iov[i].iov_base, n);
+		done += n;
+		if (n < iov[i].iov_len)
+			break;
+	}
+	e->bytes += done;
+	return done;
+}
+
 static const struct vsock_conn_ops bep_ops = {
 	.readable = bep_readable,
 	.writable = bep_writable,
+	.deliver = bep_deliver,
 };
 
 static struct bep *cur_ep;
@@ -242,7 +271,64 @@ static int cmp_d(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
-static int run_rtt(double *p50, double *p99, unsigned *count)
+/* How long a wake-up between two threads takes on this machine: an eventfd
+ * ping-pong, both sides sleeping in poll.  A round trip through the device
+ * sleeps and wakes like this twice (guest kick -> device thread, device call
+ * -> guest), so this is its floor here. */
+static int pp_fd[2];
+
+static void *pp_echo(void *arg)
+{
+	struct pollfd p = { pp_fd[0], POLLIN, 0 };
+	uint64_t v;
+
+	for (;;) {
+		poll(&p, 1, -1);
+		if (read(pp_fd[0], &v, 8) != 8)
+			continue;
+		if (v == 2)
+			return NULL;
+		v = 1;
+		if (write(pp_fd[1], &v, 8) != 8)
+			return NULL;
+	}
+}
+
+static void run_pingpong(double *p50, double *p99)
+{
+	enum { N = 20000 };
+	static double lat[N];
+	pthread_t t;
+	uint64_t v;
+
+	pp_fd[0] = eventfd(0, EFD_NONBLOCK);
+	pp_fd[1] = eventfd(0, EFD_NONBLOCK);
+	pthread_create(&t, NULL, pp_echo, NULL);
+	for (unsigned i = 0; i < N; i++) {
+		struct pollfd p = { pp_fd[1], POLLIN, 0 };
+		double t0 = now_s();
+		v = 1;
+		if (write(pp_fd[0], &v, 8) != 8)
+			break;
+		while (read(pp_fd[1], &v, 8) != 8)
+			poll(&p, 1, 1000);
+		lat[i] = (now_s() - t0) * 1e6;
+	}
+	v = 2;
+	if (write(pp_fd[0], &v, 8) != 8) {
+	}
+	pthread_join(t, NULL);
+	close(pp_fd[0]);
+	close(pp_fd[1]);
+	qsort(lat, N, sizeof(lat[0]), cmp_d);
+	*p50 = lat[N / 2];
+	*p99 = lat[(size_t)(N * 0.99)];
+}
+
+/* poll: the driver spins on its used ring instead of sleeping on the call
+ * eventfd (a busy guest, or busy polling); the device thread still sleeps in
+ * epoll between packets. */
+static int run_rtt(bool poll_mode, double *p50, double *p99, unsigned *count)
 {
 	enum { MAXN = 200000 };
 	static double lat[MAXN];
@@ -270,7 +356,7 @@ static int run_rtt(double *p50, double *p99, unsigned *count)
 			return -1;
 		g.tx_cnt += 64;
 		while (g.rx_bytes < want)
-			gs_pump(&f.v, NULL, 0, 1, NULL);
+			gs_pump(&f.v, NULL, 0, poll_mode ? 0 : 1, NULL);
 		if (i >= 200) /* warm-up */
 			lat[n++] = (now_s() - t0) * 1e6;
 	}
@@ -285,8 +371,8 @@ static int run_rtt(double *p50, double *p99, unsigned *count)
 int main(int argc, char **argv)
 {
 	static const uint32_t sizes[] = { 4096, 65536 };
-	double mc[2], h2g[2], g2h[2], p50 = 0, p99 = 0;
-	unsigned rtts = 0;
+	double mc[2], h2g[2], g2h[2], p50 = 0, p99 = 0, q50 = 0, q99 = 0, w50 = 0, w99 = 0;
+	unsigned rtts = 0, qtts = 0;
 
 	if (argc > 1)
 		secs = atof(argv[1]);
@@ -305,7 +391,9 @@ int main(int argc, char **argv)
 		h2g[i] = run_h2g(sizes[i]);
 		g2h[i] = run_g2h(sizes[i]);
 	}
-	run_rtt(&p50, &p99, &rtts);
+	run_rtt(false, &p50, &p99, &rtts);
+	run_rtt(true, &q50, &q99, &qtts);
+	run_pingpong(&w50, &w99);
 
 	printf("vhost-user vsock device bench (test vring driver, queue 128, EVENT_IDX, %.1f s/case)\n",
 	       secs);
@@ -315,8 +403,13 @@ int main(int argc, char **argv)
 		printf("%-10s %14.0f %10.0f MB/s %10.0f MB/s %9.1f%% %9.1f%%\n",
 		       i ? "64 KiB" : "4 KiB", mc[i], h2g[i], g2h[i], 100 * h2g[i] / mc[i],
 		       100 * g2h[i] / mc[i]);
-	printf("%-10s %10s %.1f us  p99 %.1f us  (%u round trips, guest->host echo->guest)\n",
-	       "64 B rtt", "p50", p50, p99, rtts);
+	printf("64 B round trip, guest -> host echo -> guest:\n");
+	printf("  driver sleeps on its call eventfd   p50 %6.1f us  p99 %6.1f us  (%u)\n", p50, p99,
+	       rtts);
+	printf("  driver polls its used ring          p50 %6.1f us  p99 %6.1f us  (%u)\n", q50, q99,
+	       qtts);
+	printf("  floor: eventfd ping-pong, 2 threads p50 %6.1f us  p99 %6.1f us  (this machine's"
+	       " wake-up cost, twice)\n", w50, w99);
 	printf("\ncsv:\nmetric,payload_bytes,value,unit\n");
 	for (int i = 0; i < 2; i++) {
 		printf("memcpy,%u,%.0f,MB/s\n", sizes[i], mc[i]);
@@ -324,5 +417,7 @@ int main(int argc, char **argv)
 		printf("guest_to_host,%u,%.0f,MB/s\n", sizes[i], g2h[i]);
 	}
 	printf("rtt_p50,64,%.1f,us\nrtt_p99,64,%.1f,us\n", p50, p99);
+	printf("rtt_poll_p50,64,%.1f,us\nrtt_poll_p99,64,%.1f,us\n", q50, q99);
+	printf("eventfd_pingpong_p50,8,%.1f,us\neventfd_pingpong_p99,8,%.1f,us\n", w50, w99);
 	return 0;
 }

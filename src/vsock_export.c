@@ -245,11 +245,30 @@ static void bridge_closed(struct vsock_conn *c, void *arg, int err)
 	bridge_free(b);
 }
 
+/* Guest → client as the packet arrives: from guest memory straight into the
+ * socket.  Whatever the socket does not take now (full, or an error the pump
+ * will see) is buffered by the device and sent by bridge_to_client. */
+static size_t bridge_deliver(struct vsock_conn *c, void *arg, const struct iovec *iov, int cnt,
+			     size_t len)
+{
+	struct vbridge *b = arg;
+	struct msghdr mh = { .msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)cnt };
+	ssize_t n;
+
+	if (b->st != BR_OPEN || b->guest_eof || b->outoff < b->outlen)
+		return 0;
+	do
+		n = sendmsg(b->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+	while (n < 0 && errno == EINTR);
+	return n > 0 ? (size_t)n : 0;
+}
+
 static const struct vsock_conn_ops bridge_ops = {
 	.established = bridge_established,
 	.readable = bridge_readable,
 	.writable = bridge_writable,
 	.closed = bridge_closed,
+	.deliver = bridge_deliver,
 };
 
 /* ---- moving bytes ---- */

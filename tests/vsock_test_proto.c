@@ -221,6 +221,52 @@ static void t_data_guest_to_host(void)
 	teardown();
 }
 
+/* Direct delivery from guest memory.  An endpoint that takes only part of
+ * each packet: the rest is buffered and read after it, in order.  One that
+ * takes everything: nothing is buffered, readable never fires.  Either way
+ * the guest gets all of its credit back. */
+static void t_data_guest_to_host_direct(void)
+{
+	const uint64_t total = 4u << 20;
+	struct gstream g1, g2;
+	struct hconn *part, *all;
+
+	CHECK(setup(0, NULL) == 0);
+	H.accept_auto_read = true;
+	H.accept_seed = 78;
+	H.accept_deliver_max = 1000;
+	gs_init(&g1, 40011, 1025, 65536);
+	CHECK_EQ(gs_connect(&V, &g1), 0);
+	H.accept_deliver_max = UINT32_MAX;
+	gs_init(&g2, 40012, 1025, 65536);
+	CHECK_EQ(gs_connect(&V, &g2), 0);
+	CHECK(WAIT_FOR(&V, H.naccepted == 2, 1000));
+	part = H.accepted[0];
+	all = H.accepted[1];
+
+	CHECK_EQ(gs_send_data(&V, &g1, 78, total, true), 0);
+	CHECK(WAIT_FOR(&V, part->rx_bytes == total, 5000));
+	CHECK(!part->rx_bad);
+	CHECK(part->delivered > 0 && part->delivered < total);
+	CHECK(part->readable_calls > 0);
+
+	CHECK_EQ(gs_send_data(&V, &g2, 78, total, true), 0);
+	CHECK(WAIT_FOR(&V, all->rx_bytes == total, 5000));
+	CHECK(!all->rx_bad);
+	CHECK_EQ(all->delivered, total);
+	CHECK_EQ(all->readable_calls, 0);
+
+	/* the credit the device reports counts every byte taken either way */
+	CHECK_EQ(gs_send_ctrl(&V, &g1, VIRTIO_VSOCK_OP_CREDIT_REQUEST, 0), 0);
+	CHECK_EQ(gs_send_ctrl(&V, &g2, VIRTIO_VSOCK_OP_CREDIT_REQUEST, 0), 0);
+	for (int i = 0; i < 200 && (g1.peer_fwd_cnt != (uint32_t)total ||
+				    g2.peer_fwd_cnt != (uint32_t)total); i++)
+		gs_pump(&V, NULL, 0, 10, NULL);
+	CHECK_EQ(g1.peer_fwd_cnt, (uint32_t)total);
+	CHECK_EQ(g2.peer_fwd_cnt, (uint32_t)total);
+	teardown();
+}
+
 /* 4 MiB host -> guest into a guest with only 64 KiB buf_alloc: the host
  * writer runs out of credit over and over and resumes on writable. */
 static void t_data_host_to_guest(void)
@@ -705,6 +751,7 @@ int main(void)
 	fails += run_test("host_connect_refused", t_host_connect_refused);
 	fails += run_test("host_connect_without_frontend", t_host_connect_without_frontend);
 	fails += run_test("data_guest_to_host_4MiB_proactive_credit", t_data_guest_to_host);
+	fails += run_test("data_guest_to_host_direct_delivery", t_data_guest_to_host_direct);
 	fails += run_test("data_host_to_guest_4MiB_credit_exhaustion", t_data_host_to_guest);
 	fails += run_test("splice_from_fd_zero_copy", t_splice_from_fd);
 	fails += run_test("splice_to_fd", t_splice_to_fd);

@@ -72,6 +72,8 @@ struct hconn {
 	uint64_t rx_bytes;
 	bool rx_bad;
 	int readable_calls;
+	uint32_t deliver_max; /* direct delivery: bytes taken per packet (0: none) */
+	uint64_t delivered;   /* of rx_bytes, how many came that way */
 	/* sending: generator driven by writable */
 	uint32_t tx_seed;
 	uint64_t tx_total, tx_done;
@@ -88,6 +90,7 @@ struct host {
 	int accept_ret;
 	bool accept_auto_read; /* attach an auto-reading hconn on accept */
 	uint32_t accept_seed;
+	uint32_t accept_deliver_max;
 	struct hconn *accepted[256];
 	unsigned naccepted;
 };

@@ -423,7 +423,9 @@ static void conn_peer_closed(struct vsock_conn *c, bool send_rst)
 	conn_note(c, NOTE_READABLE | (c->want_writable ? NOTE_WRITABLE : 0));
 }
 
-static int conn_rx_append(struct vsock_conn *c, const struct vring_chain *ch, uint32_t len)
+/* Buffer len payload bytes of the chain, starting off bytes into it. */
+static int conn_rx_append(struct vsock_conn *c, const struct vring_chain *ch, uint32_t off,
+			  uint32_t len)
 {
 	struct rx_chunk *k = c->rx_tail;
 
@@ -443,10 +445,29 @@ static int conn_rx_append(struct vsock_conn *c, const struct vring_chain *ch, ui
 			c->rx_head = k;
 		c->rx_tail = k;
 	}
-	iov_to_buf(ch->iov, ch->nout, VSOCK_HDR_LEN, k->data + k->len, len);
+	iov_to_buf(ch->iov, ch->nout, off, k->data + k->len, len);
 	k->len += len;
 	c->rx_bytes += len;
 	return 0;
+}
+
+/* Offer the payload, still in guest memory, to an endpoint that takes data
+ * as it arrives; only in order, so only when nothing is buffered before it.
+ * Returns the bytes taken; the caller credits them back to the guest once it
+ * is done with the chain (a credit update reuses the device's iov scratch). */
+static uint32_t conn_deliver(struct vsock_conn *c, const struct vring_chain *ch, uint32_t len)
+{
+	struct iovec iov[VRING_MAX_IOV];
+	unsigned cnt;
+	size_t n;
+
+	if (c->rx_bytes || !cb_ok(c) || !c->ops->deliver || c->in_cb)
+		return 0;
+	cnt = iov_slice(ch->iov, ch->nout, VSOCK_HDR_LEN, len, iov, VRING_MAX_IOV);
+	c->in_cb++;
+	n = c->ops->deliver(c, c->arg, iov, (int)cnt, len);
+	c->in_cb--;
+	return (uint32_t)MIN(n, (size_t)len);
 }
 
 static void conn_accept_new(struct vsock_dev *d, uint32_t host_port, uint32_t guest_port,
@@ -495,7 +516,7 @@ void conn_handle_pkt(struct vsock_dev *d, const struct virtio_vsock_hdr *h,
 	uint32_t guest_port = le32toh(h->src_port), host_port = le32toh(h->dst_port);
 	uint32_t len = le32toh(h->len), flags = le32toh(h->flags);
 	uint16_t type = le16toh(h->type), op = le16toh(h->op);
-	uint32_t credit_before;
+	uint32_t credit_before, taken;
 	struct vsock_conn *c;
 
 	/* A guest speaks only for itself and only to the host. */
@@ -579,11 +600,16 @@ void conn_handle_pkt(struct vsock_dev *d, const struct virtio_vsock_hdr *h,
 		}
 		if (len == 0)
 			break;
-		if (conn_rx_append(c, ch, len) < 0) {
-			conn_reset(c, ENOMEM, true);
-			return;
+		taken = conn_deliver(c, ch, len);
+		if (taken < len) {
+			if (conn_rx_append(c, ch, VSOCK_HDR_LEN + taken, len - taken) < 0) {
+				conn_reset(c, ENOMEM, true);
+				return;
+			}
+			conn_note(c, NOTE_READABLE);
 		}
-		conn_note(c, NOTE_READABLE);
+		if (taken)
+			conn_consumed(c, taken);
 		break;
 	case VIRTIO_VSOCK_OP_CREDIT_UPDATE:
 		break;

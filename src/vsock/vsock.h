@@ -35,6 +35,13 @@ struct vsock_conn_ops {
 	 * ECONNRESET (RST, QEMU gone, device freed) or ETIMEDOUT.  After this the
 	 * host side must call vsock_conn_close(c) (which then just frees it). */
 	void (*closed)(struct vsock_conn *c, void *arg, int err);
+	/* Optional: take data straight out of guest memory as it arrives, when
+	 * nothing is buffered ahead of it (no copy into the connection's
+	 * buffer).  iov describes len bytes and is valid only during the call.
+	 * Return how many bytes were taken: the rest is buffered and announced
+	 * with readable.  Must not call any vsock_* function. */
+	size_t (*deliver)(struct vsock_conn *c, void *arg, const struct iovec *iov, int cnt,
+			  size_t len);
 };
 
 /* A guest connected to host port `host_port` from `guest_port`.  Return 0 to
