@@ -378,22 +378,30 @@ static void conn_timeout_cb(void *arg)
 
 /* ---------------------------------------------------------------- state changes */
 
-void conn_reset(struct vsock_conn *c, int err, bool send_rst)
+/* What ending a connection either way shares: the RST to the guest if asked,
+ * then off the device's tables.  Returns false when that freed c (the host
+ * side had closed it already). */
+static bool conn_detach(struct vsock_conn *c, bool send_rst)
 {
-	struct vsock_dev *d = c->dev;
-
-	if (send_rst && d)
-		dev_queue_ctrl(d, c->local_port, c->peer_port, VIRTIO_VSOCK_TYPE_STREAM,
+	if (send_rst && c->dev)
+		dev_queue_ctrl(c->dev, c->local_port, c->peer_port, VIRTIO_VSOCK_TYPE_STREAM,
 			       VIRTIO_VSOCK_OP_RST);
 	if (c->host_closed) {
 		conn_free(c);
-		return;
+		return false;
 	}
 	conn_unhash(c);
 	list_del(&c->send_node);
 	conn_cancel_timer(c);
-	conn_drop_buffers(c);
 	c->pend = 0;
+	return true;
+}
+
+void conn_reset(struct vsock_conn *c, int err, bool send_rst)
+{
+	if (!conn_detach(c, send_rst))
+		return;
+	conn_drop_buffers(c);
 	c->state = CONN_DEAD;
 	c->err = err;
 	conn_note(c, NOTE_CLOSED);
@@ -403,22 +411,11 @@ void conn_reset(struct vsock_conn *c, int err, bool send_rst)
  * pair is free for reuse.  What it sent stays readable until EOF. */
 static void conn_peer_closed(struct vsock_conn *c, bool send_rst)
 {
-	struct vsock_dev *d = c->dev;
-
-	if (send_rst)
-		dev_queue_ctrl(d, c->local_port, c->peer_port, VIRTIO_VSOCK_TYPE_STREAM,
-			       VIRTIO_VSOCK_OP_RST);
-	if (c->host_closed) {
-		conn_free(c);
+	if (!conn_detach(c, send_rst))
 		return;
-	}
-	conn_unhash(c);
-	list_del(&c->send_node);
-	conn_cancel_timer(c);
 	free(c->txbuf);
 	c->txbuf = NULL;
 	c->tx_len = 0;
-	c->pend = 0;
 	c->state = CONN_PEER_CLOSED;
 	conn_note(c, NOTE_READABLE | (c->want_writable ? NOTE_WRITABLE : 0));
 }

@@ -250,43 +250,41 @@ bool vq_empty_arm(struct vq *vr)
 	return avail_idx(vr) == vr->last_avail;
 }
 
-size_t iov_to_buf(const struct iovec *iov, unsigned n, size_t off, void *buf, size_t len)
+/* Copy between buf and the bytes of iov from offset off, either way. */
+static size_t iov_copy(const struct iovec *iov, unsigned n, size_t off, void *buf, size_t len,
+		       bool into_iov)
 {
 	size_t done = 0;
 	unsigned i;
 
 	for (i = 0; i < n && done < len; i++) {
 		size_t seg = iov[i].iov_len, c;
+		char *p;
 		if (off >= seg) {
 			off -= seg;
 			continue;
 		}
+		p = (char *)iov[i].iov_base + off;
 		c = MIN(seg - off, len - done);
-		memcpy((char *)buf + done, (char *)iov[i].iov_base + off, c);
+		if (into_iov)
+			memcpy(p, (char *)buf + done, c);
+		else
+			memcpy((char *)buf + done, p, c);
 		done += c;
 		off = 0;
 	}
 	return done;
 }
 
+size_t iov_to_buf(const struct iovec *iov, unsigned n, size_t off, void *buf, size_t len)
+{
+	return iov_copy(iov, n, off, buf, len, false);
+}
+
 size_t iov_from_buf(const struct iovec *iov, unsigned n, size_t off, const void *buf,
 		    size_t len)
 {
-	size_t done = 0;
-	unsigned i;
-
-	for (i = 0; i < n && done < len; i++) {
-		size_t seg = iov[i].iov_len, c;
-		if (off >= seg) {
-			off -= seg;
-			continue;
-		}
-		c = MIN(seg - off, len - done);
-		memcpy((char *)iov[i].iov_base + off, (const char *)buf + done, c);
-		done += c;
-		off = 0;
-	}
-	return done;
+	return iov_copy(iov, n, off, (void *)buf, len, true);
 }
 
 unsigned iov_slice(const struct iovec *iov, unsigned n, size_t off, size_t len,
