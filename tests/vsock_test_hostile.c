@@ -120,11 +120,10 @@ static int setup(const struct vd_opts *oa, unsigned max_conns_a)
 	static const struct vd_opts ob = { .event_idx = true, .indirect = true };
 	int r;
 
-	if ((r = host_start(&HA, max_conns_a)) < 0 || (r = host_start(&HB, 0)) < 0)
+	if ((r = fixture_open(&HA, &VA, max_conns_a, oa)) < 0 ||
+	    (r = fixture_open(&HB, &VB, 0, &ob)) < 0)
 		return r;
 	HA.accept_auto_read = HB.accept_auto_read = true;
-	if ((r = vd_open(&VA, HA.path, oa)) < 0 || (r = vd_open(&VB, HB.path, &ob)) < 0)
-		return r;
 	gs_init(&gA, 30000, HPORT, 65536);
 	gs_init(&gB, 31000, HPORT, 65536);
 	if (gs_connect(&VA, &gA) != 0 || gs_connect(&VB, &gB) != 0)
@@ -139,10 +138,8 @@ static int setup(const struct vd_opts *oa, unsigned max_conns_a)
 
 static void teardown(void)
 {
-	vd_close(&VA);
-	vd_close(&VB);
-	host_stop(&HA);
-	host_stop(&HB);
+	fixture_close(&HA, &VA);
+	fixture_close(&HB, &VB);
 }
 
 /* The bystanders: A's existing connection, B's existing and a new one. */

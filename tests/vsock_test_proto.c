@@ -21,20 +21,13 @@ static struct vd V;
 static int setup(unsigned max_conns, const struct vd_opts *o)
 {
 	struct vd_opts def = { .event_idx = true, .indirect = true, .reply_ack = true };
-	int r = host_start(&H, max_conns);
 
-	if (r < 0)
-		return r;
-	r = vd_open(&V, H.path, o ? o : &def);
-	if (r < 0)
-		fprintf(stderr, "vd_open: %s\n", strerror(-r));
-	return r;
+	return fixture_open(&H, &V, max_conns, o ? o : &def);
 }
 
 static void teardown(void)
 {
-	vd_close(&V);
-	host_stop(&H);
+	fixture_close(&H, &V);
 }
 
 /* No packet at all arrives within ms. */

@@ -17,21 +17,15 @@ static struct vd V;
 
 static int setup(const struct vd_opts *o)
 {
-	int r = host_start(&H, 0);
+	int r = fixture_open(&H, &V, 0, o);
 
-	if (r < 0)
-		return r;
 	H.accept_auto_read = true;
-	r = vd_open(&V, H.path, o);
-	if (r < 0)
-		fprintf(stderr, "vd_open: %s\n", strerror(-r));
 	return r;
 }
 
 static void teardown(void)
 {
-	vd_close(&V);
-	host_stop(&H);
+	fixture_close(&H, &V);
 }
 
 /* A fresh connection moves data both ways: the device still serves. */

@@ -193,6 +193,24 @@ void host_stop(struct host *h)
 	unlink(h->path);
 }
 
+int fixture_open(struct host *h, struct vd *v, unsigned max_conns, const struct vd_opts *o)
+{
+	int r = host_start(h, max_conns);
+
+	if (r < 0)
+		return r;
+	r = vd_open(v, h->path, o);
+	if (r < 0)
+		fprintf(stderr, "vd_open: %s\n", strerror(-r));
+	return r;
+}
+
+void fixture_close(struct host *h, struct vd *v)
+{
+	vd_close(v);
+	host_stop(h);
+}
+
 /* ---- guest streams ---- */
 
 /* every stream of the current test, so that any pump routes every packet */

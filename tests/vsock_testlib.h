@@ -99,6 +99,9 @@ extern const struct vsock_conn_ops hconn_ops;
 
 int host_start(struct host *h, unsigned max_conns);
 void host_stop(struct host *h);
+/* A device in its loop thread (h) with the test guest (v) attached to it. */
+int fixture_open(struct host *h, struct vd *v, unsigned max_conns, const struct vd_opts *o);
+void fixture_close(struct host *h, struct vd *v);
 /* Start a generator send on hc (call with the big lock). */
 void hconn_pump_tx(struct hconn *hc);
 
