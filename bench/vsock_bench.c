@@ -135,6 +135,34 @@ static int bench_accept(void *arg, struct vsock_conn *c, uint32_t hp, uint32_t g
 	return 0;
 }
 
+/* CPU time the loop thread (device plus host endpoint) has used: how busy
+ * the device was, and so what it could move if it were the bottleneck. */
+struct cpu_probe {
+	double s;
+	int done;
+};
+
+static void cpu_probe_fn(void *arg)
+{
+	struct cpu_probe *p = arg;
+	struct timespec t;
+
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+	p->s = (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+	__atomic_store_n(&p->done, 1, __ATOMIC_RELEASE);
+}
+
+static double loop_cpu_s(struct loop *l)
+{
+	struct cpu_probe p = { 0, 0 };
+
+	if (loop_call(l, cpu_probe_fn, &p) < 0)
+		return 0;
+	while (!__atomic_load_n(&p.done, __ATOMIC_ACQUIRE))
+		usleep(20);
+	return p.s;
+}
+
 /* ---- the cases ---- */
 
 struct fixture {
@@ -178,7 +206,7 @@ static void fx_close(struct fixture *f)
 }
 
 /* host -> guest: guest rx buffers of payload+44 bytes, 1 MiB guest buf_alloc */
-static double run_h2g(uint32_t payload)
+static double run_h2g(uint32_t payload, double *busy)
 {
 	struct fixture f;
 	struct bep e = { 0 };
@@ -202,11 +230,13 @@ static double run_h2g(uint32_t payload)
 	while (now_s() - t0 < 0.2)
 		gs_pump(&f.v, NULL, 0, 1, NULL);
 	start = g.rx_bytes;
+	double c0 = loop_cpu_s(f.loop);
 	t0 = now_s();
 	do {
 		gs_pump(&f.v, NULL, 0, 1, NULL);
 		t = now_s();
 	} while (t - t0 < secs);
+	*busy = (loop_cpu_s(f.loop) - c0) / (now_s() - t0);
 	big_lock();
 	e.stop = true;
 	big_unlock();
@@ -216,7 +246,7 @@ static double run_h2g(uint32_t payload)
 }
 
 /* guest -> host: packets of payload bytes (header + payload descriptors) */
-static double run_g2h(uint32_t payload)
+static double run_g2h(uint32_t payload, double *busy)
 {
 	struct fixture f;
 	struct bep e = { 0 };
@@ -224,6 +254,7 @@ static double run_g2h(uint32_t payload)
 	double t0 = 0, t;
 	uint64_t start = 0;
 	bool measuring = false;
+	double c0 = 0;
 
 	cur_ep = &e;
 	if (fx_open(&f, 4096) < 0)
@@ -239,13 +270,16 @@ static double run_g2h(uint32_t payload)
 		t = now_s();
 		if (!measuring && t - w0 > 0.2) {
 			measuring = true;
+			c0 = loop_cpu_s(f.loop);
 			t0 = t;
 			big_lock();
 			start = e.bytes;
 			big_unlock();
 		}
-		if (measuring && t - t0 >= secs)
+		if (measuring && t - t0 >= secs) {
+			*busy = (loop_cpu_s(f.loop) - c0) / (now_s() - t0);
 			break;
+		}
 		if (credit >= payload) {
 			struct virtio_vsock_hdr h;
 			vd_hdr(&f.v, &h, g.gport, g.hport, VIRTIO_VSOCK_OP_RW, payload, g.buf_alloc,
@@ -371,7 +405,7 @@ static int run_rtt(bool poll_mode, double *p50, double *p99, unsigned *count)
 int main(int argc, char **argv)
 {
 	static const uint32_t sizes[] = { 4096, 65536 };
-	double mc[2], h2g[2], g2h[2], p50 = 0, p99 = 0, q50 = 0, q99 = 0, w50 = 0, w99 = 0;
+	double mc[2], h2g[2], g2h[2], bh[2] = { 0 }, bg[2] = { 0 }, p50 = 0, p99 = 0, q50 = 0, q99 = 0, w50 = 0, w99 = 0;
 	unsigned rtts = 0, qtts = 0;
 
 	if (argc > 1)
@@ -388,8 +422,8 @@ int main(int argc, char **argv)
 	memset(blob, 0x5a, sizeof(blob));
 	for (int i = 0; i < 2; i++) {
 		mc[i] = memcpy_gbs(sizes[i]) * 1000; /* MB/s */
-		h2g[i] = run_h2g(sizes[i]);
-		g2h[i] = run_g2h(sizes[i]);
+		h2g[i] = run_h2g(sizes[i], &bh[i]);
+		g2h[i] = run_g2h(sizes[i], &bg[i]);
 	}
 	run_rtt(false, &p50, &p99, &rtts);
 	run_rtt(true, &q50, &q99, &qtts);
@@ -403,6 +437,13 @@ int main(int argc, char **argv)
 		printf("%-10s %14.0f %10.0f MB/s %10.0f MB/s %9.1f%% %9.1f%%\n",
 		       i ? "64 KiB" : "4 KiB", mc[i], h2g[i], g2h[i], 100 * h2g[i] / mc[i],
 		       100 * g2h[i] / mc[i]);
+	printf("device thread (device + host endpoint) busy, and what it moves per CPU-second:\n");
+	for (int i = 0; i < 2; i++)
+		printf("%-10s host->guest %3.0f%% busy, %6.0f MB/CPU-s (%4.1f%% of memcpy)   "
+		       "guest->host %3.0f%% busy, %6.0f MB/CPU-s (%4.1f%% of memcpy)\n",
+		       i ? "64 KiB" : "4 KiB", 100 * bh[i], h2g[i] / bh[i],
+		       100 * h2g[i] / bh[i] / mc[i], 100 * bg[i], g2h[i] / bg[i],
+		       100 * g2h[i] / bg[i] / mc[i]);
 	printf("64 B round trip, guest -> host echo -> guest:\n");
 	printf("  driver sleeps on its call eventfd   p50 %6.1f us  p99 %6.1f us  (%u)\n", p50, p99,
 	       rtts);
@@ -415,6 +456,8 @@ int main(int argc, char **argv)
 		printf("memcpy,%u,%.0f,MB/s\n", sizes[i], mc[i]);
 		printf("host_to_guest,%u,%.0f,MB/s\n", sizes[i], h2g[i]);
 		printf("guest_to_host,%u,%.0f,MB/s\n", sizes[i], g2h[i]);
+		printf("host_to_guest_device_busy,%u,%.2f,fraction\n", sizes[i], bh[i]);
+		printf("guest_to_host_device_busy,%u,%.2f,fraction\n", sizes[i], bg[i]);
 	}
 	printf("rtt_p50,64,%.1f,us\nrtt_p99,64,%.1f,us\n", p50, p99);
 	printf("rtt_poll_p50,64,%.1f,us\nrtt_poll_p99,64,%.1f,us\n", q50, q99);
