@@ -638,18 +638,22 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--builddir", default=TOP)
     ap.add_argument("--guest", default=None, help="dir with vmlinuz and initrd.img")
-    ap.add_argument("--size", type=int, default=64, help="MiB per transfer (default 64)")
+    ap.add_argument("--size", type=int, default=128,
+                    help="MiB per transfer (default 128; at most 255)")
     ap.add_argument("--bufsize", type=int, default=65536, help="socat -b in the guest")
     ap.add_argument("--cpus", type=int, default=1)
     ap.add_argument("--memory", type=int, default=1024, help="MiB for both VMs")
     ap.add_argument("--conns", type=int, default=1000, help="0 skips the connection test")
-    ap.add_argument("--repeat", type=int, default=1, help="transfers per channel and direction")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="transfers per channel and direction; the median is shown (default 3)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per transfer")
     ap.add_argument("--channels", default=",".join(CHANNELS))
     ap.add_argument("--csv", default=os.path.join(HERE, "results-guest.csv"))
     ap.add_argument("--hold", action="store_true",
                     help="print the pids and wait for Enter before the transfers (for perf)")
     a = ap.parse_args()
+    if not 1 <= a.size <= 255:
+        ap.error("--size must be 1..255 MiB (the random blob is made in one piece)")
     a.builddir = os.path.abspath(a.builddir)
     a.guest = os.path.abspath(a.guest or os.path.join(a.builddir, "guest"))
     chans = [c for c in a.channels.split(",") if c]
