@@ -246,12 +246,16 @@ void conn_update_sendq(struct vsock_conn *c)
 }
 
 /* Tell the guest what the host consumed once its view of our free space
- * drops below half its window: small request/response traffic never gets
- * there (no extra packets), while a stream gets an update per half window
- * and so never stops to wait for one.  The window is our buffer or the
- * guest's own, whichever is smaller: Linux caps its tx credit to its own
- * buf_alloc, so a guest with a smaller buffer never has more than that in
- * flight, and waiting for half of ours would stall it for good. */
+ * drops to three quarters of its window: small request/response traffic
+ * never gets there (no extra packets), while a stream gets an update per
+ * quarter window (64 KiB, one full packet) and so never runs dry: a Linux
+ * guest that runs out of credit sleeps until the update comes, and under
+ * TCG that sleep and wake-up cost more than the extra update (guest->host
+ * through a socket: 226-245 MB/s with an update per half window, 272-281
+ * MB/s with one per quarter).  The window is our buffer or the guest's
+ * own, whichever is smaller: Linux caps its tx credit to its own buf_alloc,
+ * so a guest with a smaller buffer never has more than that in flight, and
+ * waiting for half of ours would stall it for good. */
 static void conn_consumed(struct vsock_conn *c, uint32_t n)
 {
 	uint32_t window, guest_view_free;
@@ -261,7 +265,7 @@ static void conn_consumed(struct vsock_conn *c, uint32_t n)
 		return;
 	window = MIN(VSOCK_BUF_ALLOC, c->peer_buf_alloc);
 	guest_view_free = window - MIN(window, c->rx_cnt - c->fwd_cnt_sent);
-	if (c->fwd_cnt != c->fwd_cnt_sent && guest_view_free <= window / 2) {
+	if (c->fwd_cnt != c->fwd_cnt_sent && guest_view_free <= window / 4 * 3) {
 		c->pend |= PEND_CREDIT;
 		conn_update_sendq(c);
 		dev_rx_flush(c->dev);
