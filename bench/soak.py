@@ -14,6 +14,7 @@ import errno
 import hashlib
 import os
 import random
+import re
 import socket
 import sys
 import tempfile
@@ -126,6 +127,14 @@ def one_op(vm, sockdir, rnd, stats):
         stats.fail(f"{vm.name} {path} {size} bytes: {e}")
 
 
+def guest_sha256(con):
+    """The SHA-256 of the guest's /tmp/soak-out, as printed on its console."""
+    out = con.check("sha256sum /tmp/soak-out")
+    m = re.search(r"\b([0-9a-f]{64})\b", out)
+    assert m, f"no checksum in the console output {out!r}"
+    return m.group(1)
+
+
 def guest_to_host_op(vm, con_lock, con, rnd, stats):
     """The guest dials the host's listen port and sends a file whose checksum it printed."""
     size = rnd.choice([1000, 100000, 1 << 20])
@@ -137,7 +146,7 @@ def guest_to_host_op(vm, con_lock, con, rnd, stats):
 def guest_to_host_locked(vm, con, size, stats):
     try:
         con.check(f"head -c {size} /dev/urandom >/tmp/soak-out")
-        want = con.check("sha256sum /tmp/soak-out").split()[0]
+        want = guest_sha256(con)
         con.check(f"( socat -u FILE:/tmp/soak-out VSOCK-CONNECT:2:{SINK_PORT} "
                   ">/dev/null 2>&1 </dev/null & )")
         fd = util.fs(os.open, vm.path("vsock", str(SINK_PORT)), os.O_RDONLY)
@@ -152,7 +161,13 @@ def guest_to_host_locked(vm, con, size, stats):
         finally:
             os.close(fd)
         if h.hexdigest() != want or n != size:
-            stats.fail(f"{vm.name} guest->host: {n}/{size} bytes, checksum differs")
+            # say which side is wrong: a second look at the guest's file, and what the
+            # guest kernel said (a console line can land in the middle of the first)
+            again = guest_sha256(con)
+            dmesg = con.check("dmesg | tail -n 3").strip().replace("\n", " | ")
+            stats.fail(f"{vm.name} guest->host: {n}/{size} bytes, checksum differs (guest "
+                       f"{want[:16]}, again {again[:16]}, host {h.hexdigest()[:16]}; "
+                       f"dmesg: {dmesg})")
         else:
             stats.ok("guest-initiated", size)
     except (OSError, util.Timeout, AssertionError) as e:
