@@ -151,22 +151,17 @@ def guest_to_host_locked(vm, con, size, stats):
                   ">/dev/null 2>&1 </dev/null & )")
         fd = util.fs(os.open, vm.path("vsock", str(SINK_PORT)), os.O_RDONLY)
         try:
-            h, n = hashlib.sha256(), 0
-            while True:
-                chunk = util.call_with_timeout(os.read, fd, 1 << 16, timeout=60, what="read")
-                if not chunk:
-                    break
-                h.update(chunk)
-                n += len(chunk)
+            got, n = util.sha256_to_eof(lambda: util.call_with_timeout(
+                os.read, fd, 1 << 16, timeout=60, what="read"))
         finally:
             os.close(fd)
-        if h.hexdigest() != want or n != size:
+        if got != want or n != size:
             # say which side is wrong: a second look at the guest's file, and what the
             # guest kernel said (a console line can land in the middle of the first)
             again = guest_sha256(con)
             dmesg = con.check("dmesg | tail -n 3").strip().replace("\n", " | ")
             stats.fail(f"{vm.name} guest->host: {n}/{size} bytes, checksum differs (guest "
-                       f"{want[:16]}, again {again[:16]}, host {h.hexdigest()[:16]}; "
+                       f"{want[:16]}, again {again[:16]}, host {got[:16]}; "
                        f"dmesg: {dmesg})")
         else:
             stats.ok("guest-initiated", size)

@@ -216,3 +216,21 @@ void fe_kick(struct fe *fe, unsigned idx)
 	(void)read(fe->call[0], &v, 8);
 	(void)read(fe->call[1], &v, 8);
 }
+
+int fe_lowest_free_fd(void)
+{
+	int fd = dup(0);
+
+	close(fd);
+	return fd;
+}
+
+void fe_check_fds(int lowest)
+{
+	int now = fe_lowest_free_fd();
+
+	if (now != lowest) {
+		fprintf(stderr, "file descriptor leak: lowest free fd %d, was %d\n", now, lowest);
+		abort();
+	}
+}

@@ -31,6 +31,10 @@ void fe_global_init(struct fe *fe);
 void fe_start(struct fe *fe, vsock_accept_fn accept, void *arg);
 /* Per run: drop the connection, free the device, let the loop settle. */
 void fe_stop(struct fe *fe);
+/* The lowest free file descriptor; fe_check_fds aborts when it moved since
+ * (a descriptor leaked during the run). */
+int fe_lowest_free_fd(void);
+void fe_check_fds(int lowest);
 /* Let the device handle whatever is pending; drain its replies. */
 void fe_pump(struct fe *fe);
 /* One vhost-user message (raw bytes after a header); false once the device

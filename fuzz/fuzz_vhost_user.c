@@ -38,7 +38,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	static bool init;
 	struct fin f = { data, size };
-	int lowest, probe;
+	int lowest;
 	unsigned records = 0;
 
 	if (!init) {
@@ -47,9 +47,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		if (pipe(pipefd) < 0)
 			abort();
 	}
-	probe = dup(0);
-	lowest = probe;
-	close(probe);
+	lowest = fe_lowest_free_fd();
 	memset(fe.ram, 0, 65536 + 256);
 	fe_start(&fe, accept_none, NULL);
 
@@ -111,11 +109,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	}
 	fe_stop(&fe);
 
-	probe = dup(0);
-	close(probe);
-	if (probe != lowest) {
-		fprintf(stderr, "file descriptor leak: lowest free fd %d, was %d\n", probe, lowest);
-		abort();
-	}
+	fe_check_fds(lowest);
 	return 0;
 }

@@ -454,15 +454,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	uint64_t feats = (1ull << VIRTIO_F_VERSION_1);
 	uint64_t offs[2][3];
 	unsigned i, ops = 0;
-	int lowest, probe;
+	int lowest;
 
 	if (!init) {
 		init = true;
 		fe_global_init(&fe);
 	}
-	probe = dup(0);
-	lowest = probe;
-	close(probe);
+	lowest = fe_lowest_free_fd();
 	cfg = fin_u8(&f);
 	if (cfg & 1)
 		feats |= 1ull << VIRTIO_RING_F_EVENT_IDX;
@@ -570,11 +568,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	fe_stop(&fe);
 	memset(fe.ram + dirty_lo, 0, dirty_hi - dirty_lo);
 
-	probe = dup(0);
-	close(probe);
-	if (probe != lowest) {
-		fprintf(stderr, "file descriptor leak: lowest free fd %d, was %d\n", probe, lowest);
-		abort();
-	}
+	fe_check_fds(lowest);
 	return 0;
 }

@@ -394,18 +394,11 @@ def test_64_mib_guest_to_host_through_a_socket_checksummed(g):
     declare(g, "listen 1041")
     with unix_connect(os.path.join(g.sockdir, "1041.sock")) as s:
         guest_bg(g, "socat -u FILE:/tmp/blob VSOCK-CONNECT:2:1041")
-        h = hashlib.sha256()
-        n = 0
         s.settimeout(120)
-        while True:
-            chunk = s.recv(1 << 20)
-            if not chunk:
-                break
-            h.update(chunk)
-            n += len(chunk)
+        got, n = util.sha256_to_eof(lambda: s.recv(1 << 20))
     g.con.check("rm -f /tmp/blob")
     assert n == MIB64
-    assert h.hexdigest() == want
+    assert got == want
 
 
 def test_16_mib_guest_to_host_through_the_node_checksummed(g):
@@ -416,20 +409,14 @@ def test_16_mib_guest_to_host_through_the_node_checksummed(g):
     guest_bg(g, "socat -u FILE:/tmp/blob16 VSOCK-CONNECT:2:1042")
     fd = util.fs(os.open, g.vm.path("vsock", "1042"), os.O_RDONLY)
     try:
-        h = hashlib.sha256()
-        n = 0
-        while True:
-            # odd read sizes: a read may end inside a buffered packet
-            chunk = util.call_with_timeout(os.read, fd, 100003, timeout=60, what="read node")
-            if not chunk:
-                break
-            h.update(chunk)
-            n += len(chunk)
+        # odd read sizes: a read may end inside a buffered packet
+        got, n = util.sha256_to_eof(lambda: util.call_with_timeout(
+            os.read, fd, 100003, timeout=60, what="read node"))
     finally:
         os.close(fd)
     g.con.check("rm -f /tmp/blob16")
     assert n == 16 << 20
-    assert h.hexdigest() == want
+    assert got == want
 
 
 # ---- many at once ----------------------------------------------------------------------

@@ -8,6 +8,7 @@ when a test overruns, which fails every request still in flight with ENOTCONN.
 
 import codecs
 import errno
+import hashlib
 import os
 import re
 import select
@@ -55,6 +56,17 @@ def call_with_timeout(fn, *args, timeout=OP_TIMEOUT, what=None, **kwargs):
     if "error" in box:
         raise box["error"]
     return box.get("value")
+
+
+def sha256_to_eof(read):
+    """Call read() until it returns b"": the SHA-256 hex digest of what came, and its size."""
+    h, n = hashlib.sha256(), 0
+    while True:
+        chunk = read()
+        if not chunk:
+            return h.hexdigest(), n
+        h.update(chunk)
+        n += len(chunk)
 
 
 def wait_for(cond, timeout, what, interval=0.02):
