@@ -134,7 +134,7 @@ static int h_accept(void *arg, struct vsock_conn *c, uint32_t host_port, uint32_
 	struct host *h = arg;
 	struct hconn *hc;
 
-	if (h->accept_ret < 0 || h->naccepted == 256)
+	if (h->accept_ret < 0 || h->naccepted == HOST_MAX_ACCEPT)
 		return h->accept_ret < 0 ? h->accept_ret : -ENOBUFS;
 	hc = calloc(1, sizeof(*hc));
 	hc->c = c;
@@ -214,7 +214,7 @@ void fixture_close(struct host *h, struct vd *v)
 /* ---- guest streams ---- */
 
 /* every stream of the current test, so that any pump routes every packet */
-static struct gstream *registry[512];
+static struct gstream *registry[HOST_MAX_ACCEPT];
 static unsigned nregistry;
 
 void gs_registry_reset(void)

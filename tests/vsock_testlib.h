@@ -61,6 +61,7 @@ void gen_fill(uint32_t seed, uint64_t off, uint8_t *buf, size_t len);
 bool gen_check(uint32_t seed, uint64_t off, const uint8_t *buf, size_t len);
 
 /* host endpoint */
+#define HOST_MAX_ACCEPT 1100 /* the host fixture refuses connections beyond this */
 struct hconn {
 	struct vsock_conn *c;
 	bool established, closed, eof;
@@ -91,7 +92,7 @@ struct host {
 	bool accept_auto_read; /* attach an auto-reading hconn on accept */
 	uint32_t accept_seed;
 	uint32_t accept_deliver_max;
-	struct hconn *accepted[256];
+	struct hconn *accepted[HOST_MAX_ACCEPT];
 	unsigned naccepted;
 };
 

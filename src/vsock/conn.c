@@ -4,10 +4,12 @@
  *
  * Credit (virtio spec, "Device Operation: Flow Control"): a sender may have
  * peer_buf_alloc - (tx_cnt - peer_fwd_cnt) payload bytes in flight, all u32
- * arithmetic that wraps.  We advertise VSOCK_BUF_ALLOC per connection and
- * never buffer more than that from the guest; we tell the guest how much the
- * host consumed (fwd_cnt) in every packet and proactively with CREDIT_UPDATE,
- * so a one-way guest->host flow never waits for a reply that never comes. */
+ * arithmetic that wraps.  We advertise a buffer per connection (at most
+ * VSOCK_BUF_ALLOC, less once the VM's connections hold much: see
+ * conn_pick_buf_alloc) and never buffer more than that from the guest; we
+ * tell the guest how much the host consumed (fwd_cnt) in every packet and
+ * proactively with CREDIT_UPDATE, so a one-way guest->host flow never waits
+ * for a reply that never comes. */
 #include "config.h"
 
 #include <string.h>
@@ -60,6 +62,34 @@ struct vsock_conn *conn_lookup(struct vsock_dev *d, uint32_t local_port, uint32_
 	return NULL;
 }
 
+/* What c holds against the device's budget: its whole window while the
+ * guest can still send on it (hashed), then only what it still buffers for
+ * the host.  Called wherever either changes. */
+static void conn_sync_reserve(struct vsock_conn *c)
+{
+	uint32_t want = c->hashed ? c->buf_alloc : c->rx_bytes;
+
+	if (!c->dev)
+		return;
+	c->dev->rx_reserved = c->dev->rx_reserved - c->reserved + want;
+	c->reserved = want;
+}
+
+/* The buffer a new connection advertises, fixed for its life (a Linux 6.1
+ * guest miscounts its credit if buf_alloc shrinks below what it has in
+ * flight).  The guest may fill every connection's buffer and the host may
+ * never read, so the sum of the windows is what a VM can make us hold.  A
+ * connection gets an eighth of what is left of VSOCK_RX_BUDGET, between
+ * VSOCK_BUF_MIN and VSOCK_BUF_ALLOC: the first 120 get the full window,
+ * later ones less, and a VM holds at most VSOCK_RX_BUDGET +
+ * max_conns * VSOCK_BUF_MIN (48 MiB at 4096 connections, not 1 GiB). */
+static uint32_t conn_pick_buf_alloc(const struct vsock_dev *d)
+{
+	uint64_t left = d->rx_reserved < VSOCK_RX_BUDGET ? VSOCK_RX_BUDGET - d->rx_reserved : 0;
+
+	return (uint32_t)MAX(MIN(left / 8, (uint64_t)VSOCK_BUF_ALLOC), (uint64_t)VSOCK_BUF_MIN);
+}
+
 static void conn_hash_add(struct vsock_conn *c)
 {
 	struct vsock_dev *d = c->dev;
@@ -88,6 +118,7 @@ static void conn_unhash(struct vsock_conn *c)
 	c->hashed = false;
 	c->hnext = NULL;
 	d->nconns--;
+	conn_sync_reserve(c);
 }
 
 static struct vsock_conn *conn_new(struct vsock_dev *d, uint32_t local, uint32_t peer,
@@ -101,8 +132,10 @@ static struct vsock_conn *conn_new(struct vsock_dev *d, uint32_t local, uint32_t
 	c->local_port = local;
 	c->peer_port = peer;
 	c->state = st;
+	c->buf_alloc = conn_pick_buf_alloc(d);
 	list_add_tail(&d->all, &c->all_node);
 	conn_hash_add(c);
+	conn_sync_reserve(c);
 	return c;
 }
 
@@ -118,6 +151,7 @@ static uint32_t conn_drop_rx(struct vsock_conn *c)
 	}
 	c->rx_tail = NULL;
 	c->rx_bytes = 0;
+	conn_sync_reserve(c);
 	return n;
 }
 
@@ -261,9 +295,10 @@ static void conn_consumed(struct vsock_conn *c, uint32_t n)
 	uint32_t window, guest_view_free;
 
 	c->fwd_cnt += n;
+	conn_sync_reserve(c);
 	if (!c->dev || c->state == CONN_DEAD || c->state == CONN_PEER_CLOSED)
 		return;
-	window = MIN(VSOCK_BUF_ALLOC, c->peer_buf_alloc);
+	window = MIN(c->buf_alloc, c->peer_buf_alloc);
 	guest_view_free = window - MIN(window, c->rx_cnt - c->fwd_cnt_sent);
 	if (c->fwd_cnt != c->fwd_cnt_sent && guest_view_free <= window / 4 * 3) {
 		c->pend |= PEND_CREDIT;
@@ -337,7 +372,7 @@ uint32_t conn_fill_rx(struct vsock_conn *c, const struct vring_chain *ch)
 	hdr_fill(&h, c->dev, c->local_port, c->peer_port, VIRTIO_VSOCK_TYPE_STREAM, op);
 	h.len = htole32(len);
 	h.flags = htole32(flags);
-	h.buf_alloc = htole32(VSOCK_BUF_ALLOC);
+	h.buf_alloc = htole32(c->buf_alloc);
 	h.fwd_cnt = htole32(c->fwd_cnt);
 	/* every packet carries fwd_cnt: no separate update needed */
 	c->fwd_cnt_sent = c->fwd_cnt;
@@ -429,26 +464,32 @@ static int conn_rx_append(struct vsock_conn *c, const struct vring_chain *ch, ui
 			  uint32_t len)
 {
 	struct rx_chunk *k = c->rx_tail;
+	uint32_t n = k ? MIN(len, k->cap - k->len) : 0;
 
-	/* Small packets share a chunk so that 1-byte writes from the guest
-	 * cannot make us spend a malloc header per byte. */
-	if (!k || k->cap - k->len < len) {
-		uint32_t cap = MAX(len, 4096u);
-		k = malloc(sizeof(*k) + cap);
-		if (!k)
-			return -ENOMEM;
-		k->next = NULL;
-		k->len = k->off = 0;
-		k->cap = cap;
-		if (c->rx_tail)
-			c->rx_tail->next = k;
-		else
-			c->rx_head = k;
-		c->rx_tail = k;
+	/* Fill the last chunk first, then one new chunk of at least 4 KiB:
+	 * 1-byte writes from the guest cannot make us spend a malloc header per
+	 * byte, and what we hold stays within 4 KiB of what was sent. */
+	if (n) {
+		iov_to_buf(ch->iov, ch->nout, off, k->data + k->len, n);
+		k->len += n;
+		c->rx_bytes += n;
 	}
-	iov_to_buf(ch->iov, ch->nout, off, k->data + k->len, len);
-	k->len += len;
-	c->rx_bytes += len;
+	if (n == len)
+		return 0;
+	k = malloc(sizeof(*k) + MAX(len - n, 4096u));
+	if (!k)
+		return -ENOMEM;
+	k->next = NULL;
+	k->off = 0;
+	k->len = len - n;
+	k->cap = MAX(len - n, 4096u);
+	iov_to_buf(ch->iov, ch->nout, off + n, k->data, len - n);
+	if (c->rx_tail)
+		c->rx_tail->next = k;
+	else
+		c->rx_head = k;
+	c->rx_tail = k;
+	c->rx_bytes += len - n;
 	return 0;
 }
 
@@ -594,7 +635,7 @@ void conn_handle_pkt(struct vsock_dev *d, const struct virtio_vsock_hdr *h,
 			conn_consumed(c, len); /* nobody will read it */
 			break;
 		}
-		if (c->rx_bytes + len > VSOCK_BUF_ALLOC) {
+		if (c->rx_bytes + len > c->buf_alloc) {
 			log_debug("vsock: guest port %u overran its credit", guest_port);
 			conn_reset(c, ECONNRESET, true);
 			return;
@@ -752,7 +793,7 @@ static ssize_t conn_send_direct(struct vsock_conn *c, fill_fn fill, void *ctx, s
 		hdr_fill(&h, d, c->local_port, c->peer_port, VIRTIO_VSOCK_TYPE_STREAM,
 			 VIRTIO_VSOCK_OP_RW);
 		h.len = htole32(m);
-		h.buf_alloc = htole32(VSOCK_BUF_ALLOC);
+		h.buf_alloc = htole32(c->buf_alloc);
 		h.fwd_cnt = htole32(c->fwd_cnt);
 		iov_from_buf(d->siov + ch_info[i].iov0, ch_info[i].niov, 0, &h, sizeof(h));
 		vq_push(vr, ch_info[i].head, VSOCK_HDR_LEN + m);

@@ -37,7 +37,10 @@ static inline void list_del(struct list_node *n)
 /* ---- tunables ---- */
 #define VSOCK_SHUTDOWN_BOTH (VIRTIO_VSOCK_SHUTDOWN_RCV | VIRTIO_VSOCK_SHUTDOWN_SEND)
 #define VSOCK_HDR_LEN ((uint32_t)sizeof(struct virtio_vsock_hdr)) /* 44 */
-#define VSOCK_BUF_ALLOC (256u * 1024)  /* rx buffer we advertise per connection */
+#define VSOCK_BUF_ALLOC (256u * 1024)  /* rx buffer we advertise per connection, at most */
+#define VSOCK_BUF_MIN (4u * 1024)      /* ... and at least */
+#define VSOCK_RX_BUDGET (32u << 20)    /* guest data one VM's connections may hold: see
+					  conn_pick_buf_alloc */
 #define VSOCK_TXBUF (64u * 1024)       /* host bytes queued beyond guest credit */
 #define VSOCK_MAX_PKT (64u * 1024)     /* payload per packet, both ways */
 #define VSOCK_CTRLQ 512u               /* queued connection-less replies (RST) */
@@ -98,6 +101,8 @@ struct vsock_conn {
 	bool free_pending;  /* vsock_conn_close ran inside a callback */
 
 	/* guest -> host */
+	uint32_t buf_alloc;    /* advertised to the guest; fixed for the connection's life */
+	uint32_t reserved;     /* what c counts in dev->rx_reserved */
 	struct rx_chunk *rx_head, *rx_tail;
 	uint32_t rx_bytes;     /* buffered, unread */
 	uint32_t rx_cnt;       /* total payload bytes received */
@@ -153,6 +158,7 @@ struct vsock_dev {
 	struct vsock_conn **buckets;
 	unsigned nbuckets; /* power of two */
 	unsigned nconns;   /* hashed */
+	uint64_t rx_reserved; /* guest data its connections may hold: see conn_sync_reserve */
 	struct list_node all, sendq, notifyq;
 	struct vsock_ctrl_pkt ctrlq[VSOCK_CTRLQ];
 	unsigned ctrl_head, ctrl_len;
