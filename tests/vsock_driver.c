@@ -195,6 +195,8 @@ int vd_open(struct vd *v, const char *path, const struct vd_opts *o)
 	uint64_t need;
 
 	memset(v, 0, sizeof(*v));
+	v->sock = v->memfd = -1;
+	v->rx.kickfd = v->rx.callfd = v->tx.kickfd = v->tx.callfd = -1;
 	v->o = *o;
 	if (!v->o.qsize)
 		v->o.qsize = 128;
@@ -301,8 +303,10 @@ void vd_close(struct vd *v)
 		close(v->sock);
 	v->sock = -1;
 	for (unsigned i = 0; i < 2; i++) {
-		close(rs[i]->kickfd);
-		close(rs[i]->callfd);
+		if (rs[i]->kickfd >= 0)
+			close(rs[i]->kickfd);
+		if (rs[i]->callfd >= 0)
+			close(rs[i]->callfd);
 		free(rs[i]->chain);
 		free(rs[i]->chain_ids);
 	}
@@ -316,8 +320,10 @@ void vd_close(struct vd *v)
 		v->qlen--;
 	}
 	free(v->q);
+	/* closed: a second vd_close does nothing */
 	memset(v, 0, sizeof(*v));
 	v->sock = v->memfd = -1;
+	v->rx.kickfd = v->rx.callfd = v->tx.kickfd = v->tx.callfd = -1;
 }
 
 static bool has_event_idx(const struct vd *v)

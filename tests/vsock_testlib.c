@@ -15,6 +15,32 @@
 int t_failures;
 const char *t_current = "";
 
+/* Fixtures still open, so that run_test closes what a failing CHECK left
+ * behind (its early return skips the test's own teardown): the device, its
+ * loop thread and its socket file. */
+static struct {
+	struct host *h;
+	struct vd *v; /* attached by fixture_open; NULL for host_start alone */
+} open_fx[8];
+
+static void fx_track(struct host *h, struct vd *v, bool on)
+{
+	unsigned i, slot = ARRAY_SIZE(open_fx);
+
+	for (i = 0; i < ARRAY_SIZE(open_fx); i++) {
+		if (open_fx[i].h == h)
+			break;
+		if (!open_fx[i].h && slot == ARRAY_SIZE(open_fx))
+			slot = i;
+	}
+	if (i == ARRAY_SIZE(open_fx))
+		i = slot;
+	if (i == ARRAY_SIZE(open_fx) || (!on && open_fx[i].h != h))
+		return;
+	open_fx[i].h = on ? h : NULL;
+	open_fx[i].v = on ? v : NULL;
+}
+
 void gen_fill(uint32_t seed, uint64_t off, uint8_t *buf, size_t len)
 {
 	for (size_t i = 0; i < len; i++)
@@ -173,6 +199,7 @@ int host_start(struct host *h, unsigned max_conns)
 	big_unlock();
 	if (!h->dev)
 		return -errno;
+	fx_track(h, NULL, true);
 	return loop_start(h->loop);
 }
 
@@ -191,6 +218,7 @@ void host_stop(struct host *h)
 	loop_stop(h->loop);
 	loop_free(h->loop);
 	unlink(h->path);
+	fx_track(h, NULL, false);
 }
 
 int fixture_open(struct host *h, struct vd *v, unsigned max_conns, const struct vd_opts *o)
@@ -202,6 +230,8 @@ int fixture_open(struct host *h, struct vd *v, unsigned max_conns, const struct 
 	r = vd_open(v, h->path, o);
 	if (r < 0)
 		fprintf(stderr, "vd_open: %s\n", strerror(-r));
+	else
+		fx_track(h, v, true);
 	return r;
 }
 
@@ -382,6 +412,14 @@ int run_test(const char *name, void (*fn)(void))
 	clock_gettime(CLOCK_MONOTONIC, &a);
 	fn();
 	clock_gettime(CLOCK_MONOTONIC, &b);
+	for (unsigned i = 0; i < ARRAY_SIZE(open_fx); i++) {
+		if (!open_fx[i].h)
+			continue;
+		fprintf(stderr, "  %s left a fixture open (a CHECK failed): closing it\n", name);
+		if (open_fx[i].v)
+			vd_close(open_fx[i].v);
+		host_stop(open_fx[i].h);
+	}
 	fprintf(stderr, "%s %s (%.0f ms)\n", t_failures == before ? "PASS" : "FAIL", name,
 		(b.tv_sec - a.tv_sec) * 1e3 + (b.tv_nsec - a.tv_nsec) / 1e6);
 	return t_failures == before ? 0 : 1;
