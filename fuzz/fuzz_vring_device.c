@@ -12,8 +12,11 @@
  * Checked beyond the sanitizers: every used element names a descriptor
  * inside the ring; a packet in an rx buffer the guest posted well-formed has
  * a sane header (host -> guest cids, length matching the used length, a
- * known op) and fits the buffer; the device never leaks a connection or an
- * fd once the host closed everything and the frontend went away. */
+ * known op) and fits the buffer; after every op, each connection's window
+ * lies between VSOCK_BUF_MIN and VSOCK_BUF_ALLOC, what it buffers fits what
+ * it reserves, and the reservations add up to the device's rx_reserved; the
+ * device never leaks a connection or an fd once the host closed everything
+ * and the frontend went away. */
 #include "config.h"
 
 #include <errno.h>
@@ -28,6 +31,8 @@
 
 #include "fuzz_frontend.h"
 #include "fuzz_input.h"
+#include "util.h"
+#include "vsock/vsock_int.h"
 
 #define HDR ((uint32_t)sizeof(struct virtio_vsock_hdr))
 #define RING_AREA 0x4000u  /* per ring: desc, avail, used at +0, +0x1000, +0x2000 */
@@ -227,6 +232,33 @@ static void check_used(unsigned idx)
 			abort();
 		}
 		r->posted_len[e.id] = 0;
+	}
+}
+
+/* The receive budget's books (conn.c, conn_sync_reserve). */
+static void check_reserve(void)
+{
+	const struct vsock_dev *d = fe.dev;
+	const struct list_node *n;
+	uint64_t sum = 0;
+
+	for (n = d->all.next; n != &d->all; n = n->next) {
+		const struct vsock_conn *c = container_of(n, struct vsock_conn, all_node);
+		uint32_t want = c->hashed ? c->buf_alloc : c->rx_bytes;
+
+		if (c->buf_alloc < VSOCK_BUF_MIN || c->buf_alloc > VSOCK_BUF_ALLOC ||
+		    c->rx_bytes > c->buf_alloc || c->reserved != want) {
+			fprintf(stderr, "conn %u:%u: window %u, buffered %u, reserved %u (%s)\n",
+				c->local_port, c->peer_port, c->buf_alloc, c->rx_bytes, c->reserved,
+				c->hashed ? "hashed" : "unhashed");
+			abort();
+		}
+		sum += c->reserved;
+	}
+	if (sum != d->rx_reserved) {
+		fprintf(stderr, "rx_reserved %llu, connections reserve %llu\n",
+			(unsigned long long)d->rx_reserved, (unsigned long long)sum);
+		abort();
 	}
 }
 
@@ -552,6 +584,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			r->avail->ring[r->num] = fin_u16(&f);
 			break;
 		}
+		check_reserve();
 	}
 
 	if (getenv("FUZZ_VERBOSE"))
