@@ -3,7 +3,6 @@
 
 #include <fuse_lowlevel.h>
 #include <limits.h>
-#include <malloc.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <string.h>
@@ -13,6 +12,7 @@
 #include "capsafs.h"
 #include "fh.h"
 #include "fs.h"
+#include "heap.h"
 #include "log.h"
 #include "loop.h"
 #include "node.h"
@@ -23,17 +23,6 @@
 #include "vmvsock.h"
 
 struct capsafs cfs;
-
-#define TRIM_INTERVAL_MS 10000
-
-/* Connection buffers come and go in bursts, across the FUSE threads' malloc
- * arenas; glibc keeps what was freed.  Hand it back every few seconds so the
- * daemon's RSS follows what it holds, not its high-water mark. */
-static void trim_tick(void *arg)
-{
-	malloc_trim(0);
-	loop_timer_add(cfs.loop, TRIM_INTERVAL_MS, trim_tick, arg);
-}
 
 struct options {
 	char *sockdir, *qemu, *accel, *vsock, *kernel, *initrd;
@@ -247,7 +236,8 @@ int main(int argc, char *argv[])
 	}
 	pending_init(cfs.loop);
 	big_lock();
-	loop_timer_add(cfs.loop, TRIM_INTERVAL_MS, trim_tick, NULL);
+	if (heap_init(cfs.loop) < 0)
+		log_warn("cannot start the heap trim timer and its SIGUSR1 report");
 	big_unlock();
 	log_info("mounted on %s, sockets in %s, accel %s", mnt, cfs.sockdir, cfs.accel_name);
 

@@ -1,0 +1,11 @@
+/* The daemon's heap: handed back to the system every few seconds, and
+ * reported on stderr on SIGUSR1. */
+#ifndef CAPSAFS_HEAP_H
+#define CAPSAFS_HEAP_H
+
+#include "loop.h"
+
+/* Start both; call with the big lock held, after the loop thread started. */
+int heap_init(struct loop *l);
+
+#endif
