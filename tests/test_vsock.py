@@ -446,6 +446,36 @@ def test_100_concurrent_connections_through_the_connect_socket(g):
             s.close()
 
 
+def test_connections_past_the_window_budget_still_carry_data_both_ways(g):
+    """A VM's connections share a 32 MiB receive budget: about the first 120 get 256 KiB
+    windows, then each new one less, down to 4 KiB (capsafs(1), Limits).  A Linux guest
+    must keep sending through a 4 KiB window: 64 KiB echoed on the last connections of 170
+    takes a dozen credit updates each."""
+    guest_bg(g, "socat VSOCK-LISTEN:2011,fork,backlog=256 EXEC:cat")
+    wait_guest_listening(g, 2011)
+    declare(g, "connect 2011")
+    path = os.path.join(g.sockdir, "2011.sock")
+    socks = []
+    try:
+        for i in range(170):
+            socks.append(unix_connect(path))
+        big = {i: os.urandom(65536) for i in range(150, 170)}
+        for i, s in enumerate(socks):
+            s.sendall(big.get(i, f"small-{i:03d}\n".encode()))
+        for i, s in enumerate(socks):
+            want = big.get(i, f"small-{i:03d}\n".encode())
+            got = b""
+            s.settimeout(60)
+            while len(got) < len(want):
+                chunk = s.recv(65536)
+                assert chunk, f"connection {i} closed early after {len(got)} bytes"
+                got += chunk
+            assert got == want, f"connection {i}: echo differs"
+    finally:
+        for s in socks:
+            s.close()
+
+
 # ---- lifecycle -------------------------------------------------------------------------
 
 def test_stale_socket_file_is_replaced_at_declaration(g):
