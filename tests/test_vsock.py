@@ -421,49 +421,20 @@ def test_16_mib_guest_to_host_through_the_node_checksummed(g):
 
 # ---- many at once ----------------------------------------------------------------------
 
-def test_100_concurrent_connections_through_the_connect_socket(g):
-    guest_bg(g, "socat VSOCK-LISTEN:2010,fork,backlog=128 EXEC:cat")
-    wait_guest_listening(g, 2010)
-    declare(g, "connect 2010")
-    path = os.path.join(g.sockdir, "2010.sock")
+def echo_many_at_once(g, port, payloads):
+    """Open one connection per payload through a connect-port socket to a forking guest
+    echo, all before any is used; send every payload, then check every echo."""
+    guest_bg(g, f"socat VSOCK-LISTEN:{port},fork,backlog=256 EXEC:cat")
+    wait_guest_listening(g, port)
+    declare(g, f"connect {port}")
+    path = os.path.join(g.sockdir, f"{port}.sock")
     socks = []
     try:
-        for i in range(100):
+        for _ in payloads:
             socks.append(unix_connect(path))
-        for i, s in enumerate(socks):
-            s.sendall(f"payload-{i:03d}\n".encode() * 10)
-        for i, s in enumerate(socks):
-            want = f"payload-{i:03d}\n".encode() * 10
-            got = b""
-            s.settimeout(60)
-            while len(got) < len(want):
-                chunk = s.recv(4096)
-                assert chunk, f"connection {i} closed early after {got!r}"
-                got += chunk
-            assert got == want
-    finally:
-        for s in socks:
-            s.close()
-
-
-def test_connections_past_the_window_budget_still_carry_data_both_ways(g):
-    """A VM's connections share a 32 MiB receive budget: about the first 120 get 256 KiB
-    windows, then each new one less, down to 4 KiB (capsafs(1), Limits).  A Linux guest
-    must keep sending through a 4 KiB window: 64 KiB echoed on the last connections of 170
-    takes a dozen credit updates each."""
-    guest_bg(g, "socat VSOCK-LISTEN:2011,fork,backlog=256 EXEC:cat")
-    wait_guest_listening(g, 2011)
-    declare(g, "connect 2011")
-    path = os.path.join(g.sockdir, "2011.sock")
-    socks = []
-    try:
-        for i in range(170):
-            socks.append(unix_connect(path))
-        big = {i: os.urandom(65536) for i in range(150, 170)}
-        for i, s in enumerate(socks):
-            s.sendall(big.get(i, f"small-{i:03d}\n".encode()))
-        for i, s in enumerate(socks):
-            want = big.get(i, f"small-{i:03d}\n".encode())
+        for s, want in zip(socks, payloads):
+            s.sendall(want)
+        for i, (s, want) in enumerate(zip(socks, payloads)):
             got = b""
             s.settimeout(60)
             while len(got) < len(want):
@@ -474,6 +445,19 @@ def test_connections_past_the_window_budget_still_carry_data_both_ways(g):
     finally:
         for s in socks:
             s.close()
+
+
+def test_100_concurrent_connections_through_the_connect_socket(g):
+    echo_many_at_once(g, 2010, [f"payload-{i:03d}\n".encode() * 10 for i in range(100)])
+
+
+def test_connections_past_the_window_budget_still_carry_data_both_ways(g):
+    """A VM's connections share a 32 MiB receive budget: about the first 120 get 256 KiB
+    windows, then each new one less, down to 4 KiB (capsafs(1), Limits).  A Linux guest
+    must keep sending through a 4 KiB window: 64 KiB echoed on the last connections of 170
+    takes a dozen credit updates each."""
+    echo_many_at_once(g, 2011, [f"small-{i:03d}\n".encode() for i in range(150)] +
+                      [os.urandom(65536) for _ in range(20)])
 
 
 # ---- lifecycle -------------------------------------------------------------------------
