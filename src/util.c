@@ -1,10 +1,27 @@
 #include "config.h"
 
+#include <malloc.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
 
 #include "util.h"
+
+#ifdef __SANITIZE_ADDRESS__
+size_t __sanitizer_get_current_allocated_bytes(void);
+
+size_t heap_in_use(void)
+{
+	return __sanitizer_get_current_allocated_bytes();
+}
+#else
+size_t heap_in_use(void)
+{
+	struct mallinfo2 mi = mallinfo2();
+
+	return mi.uordblks + mi.hblkhd;
+}
+#endif
 
 int parse_u64(const char *s, size_t len, uint64_t min, uint64_t max, uint64_t *out)
 {

@@ -56,4 +56,8 @@ int mkdir_p(const char *path, mode_t mode);
 
 uint64_t now_ms(void);
 
+/* Bytes malloc has handed out and not had back: glibc's arenas and mmapped
+ * blocks, or ASan's allocator in a sanitizer build. */
+size_t heap_in_use(void);
+
 #endif
