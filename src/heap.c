@@ -25,15 +25,13 @@
 
 #include "heap.h"
 #include "log.h"
+#include "util.h"
 
 #define TRIM_INTERVAL_MS 10000
 
-#ifdef __SANITIZE_ADDRESS__
-size_t __sanitizer_get_current_allocated_bytes(void);
-#endif
-
 static struct loop *heap_loop;
 static int sig_pipe[2] = { -1, -1 };
+static struct loop_watch *sig_watch;
 
 static void trim_tick(void *arg)
 {
@@ -63,14 +61,13 @@ static void heap_report(void *arg, uint32_t events)
 		;
 #ifdef __SANITIZE_ADDRESS__
 	(void)mi;
-	fprintf(stderr, "capsafs: heap: %zu bytes in use (ASan allocator)\n",
-		__sanitizer_get_current_allocated_bytes());
+	fprintf(stderr, "capsafs: heap: %zu bytes in use (ASan allocator)\n", heap_in_use());
 #else
 	mi = mallinfo2();
 	fprintf(stderr,
 		"capsafs: heap: %zu bytes in use: %zu in arenas, %zu in %zu mmapped blocks; "
 		"%zu bytes free kept\n",
-		mi.uordblks + mi.hblkhd, mi.uordblks, mi.hblkhd, mi.hblks, mi.fordblks);
+		heap_in_use(), mi.uordblks, mi.hblkhd, mi.hblks, mi.fordblks);
 #endif
 }
 
@@ -83,10 +80,23 @@ int heap_init(struct loop *l)
 		return -ENOMEM;
 	if (pipe2(sig_pipe, O_NONBLOCK | O_CLOEXEC) < 0)
 		return -errno;
-	if (!loop_watch_add(l, sig_pipe[0], EPOLLIN, heap_report, NULL))
+	sig_watch = loop_watch_add(l, sig_pipe[0], EPOLLIN, heap_report, NULL);
+	if (!sig_watch)
 		return -ENOMEM;
 	sigemptyset(&sa.sa_mask);
 	if (sigaction(SIGUSR1, &sa, NULL) < 0)
 		return -errno;
 	return 0;
+}
+
+void heap_fini(void)
+{
+	signal(SIGUSR1, SIG_IGN); /* exiting: a late report request is moot */
+	loop_watch_del(sig_watch);
+	sig_watch = NULL;
+	for (int i = 0; i < 2; i++) {
+		if (sig_pipe[i] >= 0)
+			close(sig_pipe[i]);
+		sig_pipe[i] = -1;
+	}
 }

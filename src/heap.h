@@ -7,5 +7,7 @@
 
 /* Start both; call with the big lock held, after the loop thread started. */
 int heap_init(struct loop *l);
+/* Stop the SIGUSR1 report (the signal is ignored from then on); with the big lock. */
+void heap_fini(void);
 
 #endif

@@ -262,6 +262,7 @@ int main(int argc, char *argv[])
 	loop_stop(cfs.loop);
 	big_lock();
 	fh_release_all(); /* files the kernel never released */
+	heap_fini();
 	big_unlock();
 	for (struct vm *vm = cfs.vms; vm; vm = vm->next)
 		vmvsock_remove(vm); /* the VMs' socket directories go with the mount */
