@@ -823,6 +823,51 @@ static void t_hoard(void)
 	teardown();
 }
 
+/* ------------------------------------------------------------------ 9 */
+
+/* Packets sized to waste the host's buffers: 2049 bytes, so that no two
+ * would share a 4 KiB chunk if each took its own.  What the device holds
+ * stays within a chunk of what the guest sent, and all of it reads back in
+ * order. */
+static void t_odd_packets(void)
+{
+	struct vd_opts o = { .event_idx = true, .qsize = 256 };
+	enum { LEN = 2049, N = 120 }; /* 240 KiB: within one window */
+	static uint8_t buf[LEN * N];
+	struct virtio_vsock_hdr h;
+	struct gstream g;
+	struct hconn *hc;
+	size_t heap;
+	ssize_t n;
+	long grew;
+
+	CHECK(setup(&o, 0) == 0);
+	big_lock();
+	HA.accept_auto_read = false; /* the host reads nothing until the end */
+	big_unlock();
+	gs_init(&g, 30800, HPORT, 65536);
+	CHECK_EQ(gs_connect(&VA, &g), 0);
+	CHECK(WAIT_FOR(&VA, (hc = find_hc(&HA, g.gport)) != NULL, 1000));
+	gen_fill(7, 0, buf, sizeof(buf));
+	heap = heap_in_use();
+	for (int i = 0; i < N; i++) {
+		vd_hdr(&VA, &h, g.gport, HPORT, VIRTIO_VSOCK_OP_RW, LEN, g.buf_alloc, g.fwd_cnt);
+		CHECK_EQ(vd_send(&VA, &h, buf + i * LEN, LEN, VD_HDR_PAYLOAD), 0);
+	}
+	CHECK(WAIT_FOR(&VA, vd_tx_inflight(&VA) == 0, 2000));
+	grew = (long)(heap_in_use() - heap);
+	fprintf(stderr, "  odd packets: %d x %d bytes buffered, heap +%ld bytes\n", N, LEN, grew);
+	CHECK(grew < N * LEN + 16384); /* a chunk per packet: twice that */
+	memset(buf, 0, sizeof(buf));
+	big_lock();
+	n = vsock_conn_read(hc->c, buf, sizeof(buf));
+	big_unlock();
+	CHECK_EQ(n, N * LEN);
+	CHECK(gen_check(7, 0, buf, sizeof(buf)));
+	CHECK(bystanders_ok(16));
+	teardown();
+}
+
 int main(void)
 {
 	int fails = 0;
@@ -837,6 +882,7 @@ int main(void)
 	fails += run_test("packets_after_rst", t_after_rst);
 	fails += run_test("credit_overrun", t_overrun);
 	fails += run_test("hoarding_guest_bounded_by_budget", t_hoard);
+	fails += run_test("odd_sized_packets_share_buffers", t_odd_packets);
 	fprintf(stderr, "%d failed\n", fails);
 	return fails ? 1 : 0;
 }
