@@ -53,17 +53,16 @@ static void on_usr1(int sig)
 static void heap_report(void *arg, uint32_t events)
 {
 	char buf[64];
-	struct mallinfo2 mi;
 
 	(void)arg;
 	(void)events;
 	while (read(sig_pipe[0], buf, sizeof(buf)) > 0)
 		;
 #ifdef __SANITIZE_ADDRESS__
-	(void)mi;
 	fprintf(stderr, "capsafs: heap: %zu bytes in use (ASan allocator)\n", heap_in_use());
 #else
-	mi = mallinfo2();
+	struct mallinfo2 mi = mallinfo2();
+
 	fprintf(stderr,
 		"capsafs: heap: %zu bytes in use: %zu in arenas, %zu in %zu mmapped blocks; "
 		"%zu bytes free kept\n",

@@ -25,17 +25,14 @@ static struct {
 
 static void fx_track(struct host *h, struct vd *v, bool on)
 {
-	unsigned i, slot = ARRAY_SIZE(open_fx);
+	unsigned i;
 
-	for (i = 0; i < ARRAY_SIZE(open_fx); i++) {
-		if (open_fx[i].h == h)
-			break;
-		if (!open_fx[i].h && slot == ARRAY_SIZE(open_fx))
-			slot = i;
-	}
+	for (i = 0; i < ARRAY_SIZE(open_fx) && open_fx[i].h != h; i++)
+		;
+	if (i == ARRAY_SIZE(open_fx) && on) /* new: the first free slot */
+		for (i = 0; i < ARRAY_SIZE(open_fx) && open_fx[i].h; i++)
+			;
 	if (i == ARRAY_SIZE(open_fx))
-		i = slot;
-	if (i == ARRAY_SIZE(open_fx) || (!on && open_fx[i].h != h))
 		return;
 	open_fx[i].h = on ? h : NULL;
 	open_fx[i].v = on ? v : NULL;
