@@ -180,6 +180,14 @@ static int ring_setup_msgs(struct vd *v, struct vd_ring *r, unsigned idx)
 	return 0;
 }
 
+/* Nothing open: every fd -1, every pointer NULL. */
+static void vd_clear(struct vd *v)
+{
+	memset(v, 0, sizeof(*v));
+	v->sock = v->memfd = -1;
+	v->rx.kickfd = v->rx.callfd = v->tx.kickfd = v->tx.callfd = -1;
+}
+
 int vd_open(struct vd *v, const char *path, const struct vd_opts *o)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
@@ -194,9 +202,7 @@ int vd_open(struct vd *v, const char *path, const struct vd_opts *o)
 	unsigned slot_rx, slot_tx;
 	uint64_t need;
 
-	memset(v, 0, sizeof(*v));
-	v->sock = v->memfd = -1;
-	v->rx.kickfd = v->rx.callfd = v->tx.kickfd = v->tx.callfd = -1;
+	vd_clear(v);
 	v->o = *o;
 	if (!v->o.qsize)
 		v->o.qsize = 128;
@@ -320,10 +326,7 @@ void vd_close(struct vd *v)
 		v->qlen--;
 	}
 	free(v->q);
-	/* closed: a second vd_close does nothing */
-	memset(v, 0, sizeof(*v));
-	v->sock = v->memfd = -1;
-	v->rx.kickfd = v->rx.callfd = v->tx.kickfd = v->tx.callfd = -1;
+	vd_clear(v); /* closed: a second vd_close does nothing */
 }
 
 static bool has_event_idx(const struct vd *v)
